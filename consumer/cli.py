@@ -1,0 +1,167 @@
+"""The ``phasewatch`` command line: ``serve``, ``tasks get|list`` and ``send``.
+
+Settings come from ``PHASEWATCH_*`` variables (listed by ``phasewatch --help``); the few
+flags here are per-invocation choices, not configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from pydantic import ValidationError
+
+from consumer.http import parse_time
+from consumer.secrets import redact
+from consumer.service import open_store, serve
+from consumer.settings import Settings
+from consumer.signature import sign
+from consumer.store import TaskQuery
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phasewatch",
+        description="React to Livepeer task phase changes.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configuration (environment variables):\n" + Settings.help_text(),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser(
+        "serve",
+        help="run the webhook receiver, read API and handlers",
+        epilog="configuration (environment variables):\n" + Settings.help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    tasks = sub.add_parser("tasks", help="read materialized tasks from the store")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
+    get = tasks_sub.add_parser("get", help="print one task (credentials hidden)")
+    get.add_argument("task_id")
+    lst = tasks_sub.add_parser("list", help="list tasks, oldest update first")
+    lst.add_argument("--phase", action="append", default=[], help="repeatable")
+    lst.add_argument("--type", action="append", default=[], help="repeatable")
+    lst.add_argument("--since", help="status.updatedAt at or after (ISO-8601 or Unix ms)")
+    lst.add_argument("--limit", type=int, default=100)
+    lst.add_argument("--json", action="store_true", help="one JSON task per line")
+
+    send = sub.add_parser("send", help="POST a deliveries file to a webhook endpoint")
+    send.add_argument("file", type=Path, help='JSONL: {"signature": ..., "body": ...} per line')
+    send.add_argument("--url", default="http://127.0.0.1:8080/webhooks/livepeer")
+    send.add_argument("--concurrency", type=int, default=8)
+    send.add_argument(
+        "--in-order", action="store_true", help="send one at a time, sorted by status.updatedAt"
+    )
+    send.add_argument(
+        "--resign", metavar="SECRET", help="re-sign each body with SECRET and the current time"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"phasewatch: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command == "serve":
+        asyncio.run(serve(settings))
+        return 0
+    if args.command == "tasks":
+        return asyncio.run(_tasks(settings, args))
+    return asyncio.run(_send(args))
+
+
+async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings)
+    await store.open()
+    try:
+        if args.tasks_command == "get":
+            stored = await store.get_task(args.task_id)
+            if stored is None:
+                print(f"phasewatch: no task {args.task_id!r}", file=sys.stderr)
+                return 1
+            sys.stdout.write(orjson.dumps(redact(stored.task), option=orjson.OPT_INDENT_2).decode())
+            sys.stdout.write("\n")
+            return 0
+        since = parse_time(args.since) if args.since else None
+        page = await store.list_tasks(
+            TaskQuery(tuple(args.phase), tuple(args.type), since, None, args.limit)
+        )
+        for stored in page.tasks:
+            if args.json:
+                print(orjson.dumps(redact(stored.task)).decode())
+            else:
+                task = stored.task
+                print(
+                    f"{task['id']}  {task.get('type', '?'):<15} {stored.phase:<10}"
+                    f" {stored.updated_at}"
+                )
+        return 0
+    finally:
+        await store.close()
+
+
+async def _send(args: argparse.Namespace) -> int:
+    deliveries = [orjson.loads(line) for line in args.file.read_bytes().splitlines() if line]
+    if args.in_order:
+        deliveries.sort(key=_order_key)
+    counts: Counter[int] = Counter()
+    secret = args.resign.encode() if args.resign else None
+    limit = asyncio.Semaphore(1 if args.in_order else max(1, args.concurrency))
+
+    async def post(session: aiohttp.ClientSession, delivery: dict[str, Any]) -> None:
+        body = delivery["body"].encode()
+        signature = delivery.get("signature", "")
+        if secret is not None:
+            signature = sign(secret, body, time.time_ns() // 1_000_000)
+        async with (
+            limit,
+            session.post(
+                args.url,
+                data=body,
+                headers={
+                    "Content-Type": "application/json",
+                    "Livepeer-Signature": signature,
+                    "User-Agent": "phasewatch-send",
+                },
+            ) as response,
+        ):
+            await response.read()
+            counts[response.status] += 1
+
+    async with aiohttp.ClientSession() as session:
+        if args.in_order:
+            for delivery in deliveries:
+                await post(session, delivery)
+        else:
+            await asyncio.gather(*(post(session, d) for d in deliveries))
+    summary = ", ".join(f"{status}: {n}" for status, n in sorted(counts.items()))
+    print(f"sent {len(deliveries)} deliveries to {args.url} ({summary})")
+    return 0 if all(200 <= s < 300 for s in counts) else 1
+
+
+def _order_key(delivery: dict[str, Any]) -> tuple[Any, ...]:
+    try:
+        body = orjson.loads(delivery["body"])
+        snapshot = body["payload"]["task"]["snapshot"]
+        return (snapshot["status"]["updatedAt"], body.get("createdAt", 0), body["id"])
+    except (KeyError, TypeError, orjson.JSONDecodeError):
+        return (float("inf"), 0, "")

@@ -1,0 +1,191 @@
+"""Raw bytes to an :class:`Event` (spec §2 and §3). Pure: no I/O.
+
+Three formats are detected per message:
+
+``webhook``  a Livepeer webhook body ``{"id", "webhookId", "createdAt", "timestamp",
+             "event", "payload"}``, as POSTed to us or bridged onto Kafka verbatim;
+``bus``      a Studio bus ``{"type": "webhook_event", "id", "timestamp", "event", ...}``;
+``task``     a bare Task object (e.g. polled from ``GET /api/task/{id}``), whose event id is
+             derived from its content so that re-polling the same state deduplicates.
+
+Errors form one small hierarchy; each maps to one HTTP status and one DLQ reason::
+
+    DecodeError                  the message cannot be used (never retried)
+    ├── NotJSON          400     not UTF-8 JSON, or not a JSON object
+    ├── NotAnEvent       400     JSON, but none of the three formats
+    └── InvalidEvent     422     an event whose task cannot be used (no id, no
+                                 status.phase, non-numeric status.updatedAt, ...)
+
+The checks here are exactly the ones :class:`consumer.model.Task` is strict about (a test
+holds the two in agreement); the full model is not built on the hot path because every
+other field is accepted whatever its shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "DecodeError",
+    "Event",
+    "EventFormat",
+    "InvalidEvent",
+    "NotAnEvent",
+    "NotJSON",
+    "decode",
+    "is_number",
+]
+
+
+class EventFormat(StrEnum):
+    WEBHOOK = "webhook"
+    BUS = "bus"
+    TASK = "task"
+
+
+class DecodeError(ValueError):
+    """Base of all codec errors. ``reason`` is a short machine-readable code."""
+
+    reason = "undecodable"
+    http_status = 400
+
+
+class NotJSON(DecodeError):
+    reason = "not_json"
+    http_status = 400
+
+
+class NotAnEvent(DecodeError):
+    reason = "not_an_event"
+    http_status = 400
+
+
+class InvalidEvent(DecodeError):
+    reason = "invalid_event"
+    http_status = 422
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One accepted event. Task events carry a snapshot; others (asset.*, ...) do not.
+
+    ``snapshot`` is the Task object exactly as received (a JSON object), ``raw`` the bytes
+    as received, kept for the history and for replays.
+    """
+
+    id: str
+    kind: str
+    format: EventFormat
+    created_at: int | float
+    raw: bytes
+    task_id: str | None = None
+    snapshot: dict[str, Any] | None = None
+
+    @property
+    def is_task_event(self) -> bool:
+        return self.snapshot is not None
+
+    @property
+    def updated_at(self) -> int | float | None:
+        return None if self.snapshot is None else self.snapshot["status"]["updatedAt"]
+
+    @property
+    def phase(self) -> str | None:
+        return None if self.snapshot is None else self.snapshot["status"]["phase"]
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number (booleans are ints to Python, but not numbers on the wire)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def decode(raw: bytes) -> Event:
+    """Decode one message. Raises a :class:`DecodeError` subclass saying what is wrong."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise NotJSON(f"body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise NotJSON(f"body must be a JSON object, got {type(doc).__name__}")
+    return decode_object(doc, raw)
+
+
+def decode_object(doc: dict[str, Any], raw: bytes) -> Event:
+    """Decode an already-parsed JSON object (``raw`` is kept as the event's bytes)."""
+    event_name = doc.get("event")
+    if isinstance(event_name, str) and "payload" in doc:
+        fmt = EventFormat.BUS if doc.get("type") == "webhook_event" else EventFormat.WEBHOOK
+        return _envelope(doc, raw, event_name, fmt)
+    if "status" in doc and "id" in doc and "event" not in doc:
+        return _bare_task(doc, raw)
+    raise NotAnEvent(
+        "JSON object is not a Livepeer event: expected a webhook body with 'event' and "
+        "'payload', a bus 'webhook_event', or a bare Task with 'id' and 'status'"
+    )
+
+
+def _envelope(doc: dict[str, Any], raw: bytes, event_name: str, fmt: EventFormat) -> Event:
+    event_id = doc.get("id")
+    if not isinstance(event_id, str) or not event_id:
+        raise InvalidEvent("event 'id' must be a non-empty string (it is the idempotency key)")
+    # Webhook bodies carry createdAt; bus messages only their timestamp.
+    created_at = doc.get("createdAt", doc.get("timestamp", 0))
+    if not is_number(created_at):
+        raise InvalidEvent("event 'createdAt' must be a number (Unix milliseconds)")
+    payload = doc["payload"]
+    if not event_name.startswith("task."):
+        # asset.*, stream.*, ...: acknowledged and kept in the history, touch no task.
+        return Event(event_id, event_name, fmt, created_at, raw)
+    if not isinstance(payload, dict) or not isinstance(payload.get("task"), dict):
+        raise InvalidEvent(f"{event_name} event has no 'payload.task' object")
+    envelope_task = payload["task"]
+    snapshot = envelope_task.get("snapshot")
+    if not isinstance(snapshot, dict):
+        raise InvalidEvent(f"{event_name} event has no 'payload.task.snapshot' object")
+    outer_id = envelope_task.get("id")
+    if "id" not in snapshot and isinstance(outer_id, str) and outer_id:
+        # The envelope names the task even when a producer trimmed the snapshot.
+        snapshot = {"id": outer_id, **snapshot}
+    task_id = _check_task(snapshot, "payload.task.snapshot")
+    if outer_id is not None and outer_id != task_id:
+        raise InvalidEvent(
+            f"payload.task.id {outer_id!r} differs from payload.task.snapshot.id {task_id!r}"
+        )
+    return Event(event_id, event_name, fmt, created_at, raw, task_id, snapshot)
+
+
+def _bare_task(doc: dict[str, Any], raw: bytes) -> Event:
+    task_id = _check_task(doc, "task")
+    # Same content, same id: polling an unchanged task twice is a duplicate.
+    digest = hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    created_at = doc["status"]["updatedAt"]
+    return Event(
+        f"task-sha256:{digest[:40]}",
+        "task.snapshot",
+        EventFormat.TASK,
+        created_at,
+        raw,
+        task_id,
+        doc,
+    )
+
+
+def _check_task(task: dict[str, Any], where: str) -> str:
+    """The three things a task event cannot do without (mirrors consumer.model.Task)."""
+    task_id = task.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        raise InvalidEvent(f"{where}.id must be a non-empty string")
+    status = task.get("status")
+    if not isinstance(status, dict):
+        raise InvalidEvent(f"{where}.status must be an object")
+    phase = status.get("phase")
+    if not isinstance(phase, str) or not phase:
+        raise InvalidEvent(f"{where}.status.phase must be a non-empty string")
+    if not is_number(status.get("updatedAt")):
+        raise InvalidEvent(f"{where}.status.updatedAt must be a number (Unix milliseconds)")
+    return task_id

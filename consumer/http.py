@@ -1,0 +1,287 @@
+"""The HTTP surface (aiohttp): the Livepeer webhook receiver, the read API and health.
+The only module that serves HTTP.
+
+Status codes follow from Livepeer's retry policy (spec §2): it retries 5xx and timeouts
+for about a day and never retries a 4xx. So a 2xx means the event is committed (or was
+already), a 4xx means the input can never succeed, and a 5xx (503) is reserved for our
+own faults, when a retry may well succeed::
+
+    200  accepted, or a duplicate of an accepted event
+    400  not JSON, or not an event envelope
+    401  missing, malformed or wrong signature; stale signature timestamp
+    413  body above the size limit
+    422  an event whose task cannot be used (no id, no status.phase, ...)
+    503  the store could not commit; retry
+
+Every error body is JSON: ``{"error": <code>, "message": <what was wrong>}``.
+Every task leaving through the API has its credentials hidden (consumer.secrets).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from consumer.codec import DecodeError, decode
+from consumer.ingest import Ingestor
+from consumer.secrets import redact
+from consumer.signature import SignatureError, verify
+from consumer.store import Cursor, Store, TaskQuery
+
+__all__ = ["HttpConfig", "build_app", "parse_time"]
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/livepeer"
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    webhook_secret: bytes | None = None
+    tolerance_ms: int = 300_000
+    max_body_bytes: int = 1024 * 1024
+    api_token: str | None = None
+
+
+STORE_KEY = web.AppKey("store", Store)
+INGESTOR_KEY = web.AppKey("ingestor", Ingestor)
+CONFIG_KEY = web.AppKey("config", HttpConfig)
+
+
+def json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": code, "message": message}, status=status)
+
+
+def build_app(store: Store, ingestor: Ingestor, config: HttpConfig) -> web.Application:
+    # client_max_size makes aiohttp refuse larger bodies while reading (413) instead of
+    # buffering them; Content-Length is checked before reading anything.
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[_errors, _auth(config.api_token)]
+    )
+    app[STORE_KEY] = store
+    app[INGESTOR_KEY] = ingestor
+    app[CONFIG_KEY] = config
+    app.router.add_post(WEBHOOK_PATH, receive_webhook)
+    app.router.add_get("/tasks", list_tasks)
+    app.router.add_get("/tasks/{task_id}", get_task)
+    app.router.add_get("/tasks/{task_id}/history", task_history)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+# ---------------------------------------------------------------- middleware
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error is JSON; an unexpected exception is a 500 that never leaks internals."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return error(exc.status, code, exc.text or exc.reason)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error(500, "internal_error", "internal error; see the service log")
+
+
+def _auth(token: str | None) -> Middleware:
+    expected = f"Bearer {token}".encode() if token else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is not None and request.path.startswith("/tasks"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return error(401, "unauthorized", "read API requires Authorization: Bearer <token>")
+        return await handler(request)
+
+    return auth
+
+
+# ---------------------------------------------------------------- webhook
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    length = request.content_length
+    if length is not None and length > config.max_body_bytes:
+        return _too_large(config)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(config)
+    if config.webhook_secret is not None:
+        try:
+            verify(
+                request.headers.get("Livepeer-Signature"),
+                body,
+                config.webhook_secret,
+                now_ms=time.time_ns() // 1_000_000,
+                tolerance_ms=config.tolerance_ms,
+            )
+        except SignatureError as exc:
+            return error(401, "bad_signature", str(exc))
+    try:
+        event = decode(body)
+    except DecodeError as exc:
+        return error(exc.http_status, exc.reason, str(exc))
+    try:
+        outcome = await request.app[INGESTOR_KEY].submit(event)
+    except Exception:
+        # Our fault, not the sender's: 503 so Livepeer retries later.
+        return error(503, "store_unavailable", "event not committed; retry later")
+    return json_response({"status": outcome.value, "id": event.id})
+
+
+def _too_large(config: HttpConfig) -> web.Response:
+    return error(413, "too_large", f"body exceeds the {config.max_body_bytes} byte limit")
+
+
+# ---------------------------------------------------------------- read API
+
+
+async def get_task(request: web.Request) -> web.Response:
+    stored = await request.app[STORE_KEY].get_task(request.match_info["task_id"])
+    if stored is None:
+        return error(404, "not_found", f"no task {request.match_info['task_id']!r}")
+    return json_response(redact(stored.task), ETag=f'"{stored.version}"')
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    try:
+        query = _task_query(request)
+    except ValueError as exc:
+        return error(400, "bad_query", str(exc))
+    page = await request.app[STORE_KEY].list_tasks(query)
+    return json_response(
+        {
+            "tasks": [redact(t.task) for t in page.tasks],
+            "nextCursor": page.next_cursor.encode() if page.next_cursor else None,
+        }
+    )
+
+
+def _task_query(request: web.Request) -> TaskQuery:
+    q = request.query
+    unknown = set(q) - {"phase", "type", "updated_since", "cursor", "limit", "order"}
+    if unknown:
+        raise ValueError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    phases = tuple(p for v in q.getall("phase", []) for p in v.split(",") if p)
+    types = tuple(t for v in q.getall("type", []) for t in v.split(",") if t)
+    since = parse_time(q["updated_since"]) if "updated_since" in q else None
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise ValueError("limit must be an integer") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
+    order = q.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ValueError("order must be asc or desc")
+    after = Cursor.decode(q["cursor"]) if "cursor" in q else None
+    return TaskQuery(phases, types, since, after, limit, order == "desc")
+
+
+def parse_time(text: str) -> int:
+    """Unix milliseconds or ISO-8601 (a naive time is UTC) to Unix milliseconds."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    try:
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time (ISO-8601 or Unix ms): {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return int(parsed.timestamp() * 1000)
+
+
+async def task_history(request: web.Request) -> web.Response:
+    task_id = request.match_info["task_id"]
+    store = request.app[STORE_KEY]
+    events = await store.task_history(task_id)
+    if not events:
+        return error(404, "not_found", f"no task {task_id!r}")
+    changes = await store.task_changes(task_id)
+    return json_response(
+        {
+            "taskId": task_id,
+            "events": [
+                {
+                    "seq": e.seq,
+                    "eventId": e.event_id,
+                    "event": e.kind,
+                    "format": e.format.value,
+                    "source": e.source,
+                    "receivedAt": e.received_at,
+                    "createdAt": e.created_at,
+                    "body": redact(orjson.loads(e.raw)),
+                }
+                for e in events
+            ],
+            "phaseChanges": [
+                {
+                    "seq": c.seq,
+                    "eventId": c.event_id,
+                    "previousPhase": c.previous_phase,
+                    "phase": c.phase,
+                    "changedAt": c.changed_at,
+                    "recordedAt": c.recorded_at,
+                }
+                for c in changes
+            ],
+        }
+    )
+
+
+# ---------------------------------------------------------------- health
+
+
+async def healthz(request: web.Request) -> web.Response:
+    del request
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        stats = await request.app[STORE_KEY].stats()
+    except Exception as exc:
+        return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    ingest = request.app[INGESTOR_KEY].stats
+    return json_response(
+        {
+            "status": "ready",
+            "events": stats.events,
+            "tasks": stats.tasks,
+            "pendingChanges": stats.pending_changes,
+            "ingest": {
+                "accepted": ingest.accepted,
+                "duplicates": ingest.duplicates,
+                "batches": ingest.batches,
+                "largestBatch": ingest.largest_batch,
+                "failed": ingest.failed,
+            },
+        }
+    )

@@ -1,0 +1,131 @@
+"""In-memory :class:`~consumer.store.Store`: the fake for fast tests and demos.
+
+Same semantics as the durable backends (it runs the same :func:`plan_batch`), none of the
+durability. Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from consumer.codec import Event
+from consumer.fold import TaskState
+from consumer.store import (
+    ChangeRecord,
+    Cursor,
+    HistoryEntry,
+    IngestResult,
+    StoredTask,
+    StoreStats,
+    TaskPage,
+    TaskQuery,
+    plan_batch,
+)
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._events: dict[str, HistoryEntry] = {}
+        self._by_task: dict[str, list[HistoryEntry]] = {}
+        self._states: dict[str, TaskState] = {}
+        self._versions: dict[str, int] = {}
+        self._changes: list[ChangeRecord] = []
+        self._dispatched: set[int] = set()
+        self._seq = 0
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+        touched = {e.task_id for e in events if e.task_id is not None}
+        known = [e.id for e in events if e.id in self._events]
+        plan = plan_batch(events, known, {t: self._states[t] for t in touched if t in self._states})
+        for event in plan.new_events:
+            self._seq += 1
+            entry = HistoryEntry(
+                self._seq,
+                event.id,
+                event.kind,
+                event.format,
+                source,
+                received_at,
+                event.created_at,
+                event.task_id,
+                event.raw,
+            )
+            self._events[event.id] = entry
+            if event.task_id is not None:
+                self._by_task.setdefault(event.task_id, []).append(entry)
+        self._states.update(plan.states)
+        for task_id in plan.states:
+            self._versions.setdefault(task_id, 0)
+        for task_id in plan.versions_bumped:
+            self._versions[task_id] += 1
+        recorded = []
+        for change in plan.changes:
+            record = ChangeRecord(
+                len(self._changes) + 1,
+                change.task_id,
+                change.event_id,
+                change.previous_phase,
+                change.phase,
+                change.changed_at,
+                received_at,
+                change.task,
+            )
+            self._changes.append(record)
+            recorded.append(record)
+        return IngestResult(plan.outcomes, recorded)
+
+    async def get_task(self, task_id: str) -> StoredTask | None:
+        state = self._states.get(task_id)
+        return None if state is None else StoredTask(state.task, self._versions[task_id])
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        rows = sorted(
+            (s for s in self._states.values() if _matches(s, query)),
+            key=lambda s: (s.updated_at, s.task_id),
+            reverse=query.descending,
+        )
+        if query.after is not None:
+            pos = (query.after.updated_at, query.after.task_id)
+            keys = [(s.updated_at, s.task_id) for s in rows]
+            if query.descending:
+                rows = [s for s, k in zip(rows, keys, strict=True) if k < pos]
+            else:
+                rows = rows[bisect.bisect_right(keys, pos) :]
+        page = rows[: query.limit]
+        more = len(rows) > query.limit
+        tasks = [StoredTask(s.task, self._versions[s.task_id]) for s in page]
+        cursor = Cursor(page[-1].updated_at, page[-1].task_id) if more and page else None
+        return TaskPage(tasks, cursor)
+
+    async def task_history(self, task_id: str) -> list[HistoryEntry]:
+        return list(self._by_task.get(task_id, []))
+
+    async def task_changes(self, task_id: str) -> list[ChangeRecord]:
+        return [c for c in self._changes if c.task_id == task_id]
+
+    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
+        return [c for c in self._changes if c.seq not in self._dispatched][:limit]
+
+    async def mark_dispatched(self, seqs: Sequence[int]) -> None:
+        self._dispatched.update(seqs)
+
+    async def stats(self) -> StoreStats:
+        pending = len(self._changes) - len(self._dispatched)
+        return StoreStats(len(self._events), len(self._states), pending)
+
+
+def _matches(state: TaskState, query: TaskQuery) -> bool:
+    if query.phases and state.phase not in query.phases:
+        return False
+    if query.types and state.task.get("type") not in query.types:
+        return False
+    return query.updated_since is None or state.updated_at >= query.updated_since

@@ -1,0 +1,399 @@
+"""The Livepeer Task object (spec §1) as pydantic v2 models.
+
+Livepeer adds fields over time and its own documentation carries placeholders
+("number", "boolean") where values go, so the model is liberal:
+
+* every model keeps unknown fields (``extra="allow"``) and dumps them back unchanged;
+* enums (phase, type, profile, encoder) accept values they do not know as plain strings;
+* an optional field whose value does not fit its documented type is kept verbatim
+  instead of failing the whole task (``Loose``). Code reading nested values should
+  therefore check types before doing arithmetic on them.
+
+The model is strict only where an event cannot be used at all: a task without an
+``id``, without ``status.phase`` or with a non-numeric ``status.updatedAt``.
+
+Round-trip: ``Task.model_validate(d).wire()`` equals ``d`` for any JSON object ``d``
+that validates (only set fields are dumped, by their wire names).
+
+This module is pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "Asset",
+    "ClipParams",
+    "Phase",
+    "Task",
+    "TaskOutput",
+    "TaskParams",
+    "TaskStatus",
+    "TaskType",
+    "TranscodeProfile",
+]
+
+
+class Phase(StrEnum):
+    """``status.phase``. Unknown phases are kept as plain strings."""
+
+    PENDING = "pending"
+    WAITING = "waiting"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TaskType(StrEnum):
+    """``type``. ``import`` and ``transcode`` are legacy; unknown types are kept."""
+
+    UPLOAD = "upload"
+    EXPORT = "export"
+    EXPORT_DATA = "export-data"
+    TRANSCODE_FILE = "transcode-file"
+    CLIP = "clip"
+    IMPORT = "import"
+    TRANSCODE = "transcode"
+
+
+def _keep_on_error(value: Any, handler: ValidatorFunctionWrapHandler, _: ValidationInfo) -> Any:
+    # Best effort: a misshapen optional value must not cost us the whole event.
+    try:
+        return handler(value)
+    except ValidationError:
+        return value
+
+
+Loose = WrapValidator(_keep_on_error)
+"""Validate as documented when possible, otherwise keep the raw JSON value."""
+
+T = TypeVar("T")
+Opt = Annotated[T | None, Loose]
+Number = int | float
+
+
+class _Wire(BaseModel):
+    """Base: camelCase on the wire, unknown fields kept, assignment unchecked."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=False,
+        ser_json_inf_nan="constants",
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON object as Livepeer would send it: only fields that were set."""
+        # warnings=False: Loose fields may legitimately hold values of another type.
+        return self.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
+
+
+# ---------------------------------------------------------------- shared shapes
+
+
+class TranscodeProfile(_Wire):
+    name: Opt[str] = None
+    width: Opt[Number] = None
+    height: Opt[Number] = None
+    bitrate: Opt[Number] = None
+    fps: Opt[Number] = None
+    fps_den: Opt[Number] = None
+    gop: Opt[str] = None
+    quality: Opt[Number] = None
+    profile: Opt[str] = None  # H264Baseline | H264Main | H264High | H264ConstrainedHigh | ...
+    encoder: Opt[str] = None  # H.264 | HEVC | VP8 | VP9 | ...
+
+
+class Encryption(_Wire):
+    encrypted_key: Opt[str] = None  # a credential: hidden by consumer.secrets
+
+
+class PathRef(_Wire):
+    path: Opt[str] = None
+
+
+class UrlRef(_Wire):
+    url: Opt[str] = None
+
+
+class Hash(_Wire):
+    hash: Opt[str] = None
+    algorithm: Opt[str] = None
+
+
+class Track(_Wire):
+    type: Opt[str] = None
+    codec: Opt[str] = None
+    start_time: Opt[Number] = None
+    duration: Opt[Number] = None
+    bitrate: Opt[Number] = None
+    width: Opt[Number] = None
+    height: Opt[Number] = None
+    pixel_format: Opt[str] = None
+    fps: Opt[Number] = None
+    channels: Opt[Number] = None
+    sample_rate: Opt[Number] = None
+    bit_depth: Opt[Number] = None
+
+
+class VideoSpec(_Wire):
+    format: Opt[str] = None
+    duration: Opt[Number] = None
+    bitrate: Opt[Number] = None
+    tracks: Opt[list[Track]] = None
+
+
+class AssetStatus(_Wire):
+    phase: Opt[str] = None
+    updated_at: Opt[Number] = None
+    progress: Opt[Number] = None
+    error_message: Opt[str] = None
+
+
+class Asset(_Wire):
+    """``assetSpec`` inside upload and clip outputs."""
+
+    id: Opt[str] = None
+    type: Opt[str] = None
+    playback_id: Opt[str] = None
+    playback_url: Opt[str] = None
+    download_url: Opt[str] = None
+    playback_policy: Opt[dict[str, Any]] = None
+    source: Opt[dict[str, Any]] = None
+    creator_id: Opt[Any] = None
+    storage: Opt[dict[str, Any]] = None
+    status: Opt[AssetStatus] = None
+    name: Opt[str] = None
+    created_at: Opt[Number] = None
+    size: Opt[Number] = None
+    hash: Opt[list[Hash]] = None
+    video_spec: Opt[VideoSpec] = None
+    static_mp4: Opt[bool] = None
+    c2pa: Opt[bool] = Field(default=None, alias="c2pa")  # to_camel would say c2Pa
+
+
+# ---------------------------------------------------------------- params
+
+
+class UploadParams(_Wire):
+    url: Opt[str] = None
+    encryption: Opt[Encryption] = None
+    c2pa: Opt[bool] = Field(default=None, alias="c2pa")  # to_camel would say c2Pa
+    profiles: Opt[list[TranscodeProfile]] = None
+    target_segment_size_secs: Opt[Number] = None
+    thumbnails: Opt[bool] = None
+
+
+class CustomExport(_Wire):
+    url: Opt[str] = None
+    method: Opt[str] = None
+    headers: Opt[dict[str, Any]] = None  # may carry Authorization: hidden by consumer.secrets
+
+
+class Pinata(_Wire):
+    jwt: Opt[str] = None
+    api_key: Opt[str] = None
+    api_secret: Opt[str] = None
+
+
+class IpfsExport(_Wire):
+    nft_metadata_template: Opt[str] = None
+    nft_metadata: Opt[Any] = None
+    pinata: Opt[Pinata] = None
+
+
+class ExportParams(_Wire):
+    custom: Opt[CustomExport] = None
+    ipfs: Opt[IpfsExport] = None
+
+
+class ExportDataParams(_Wire):
+    content: Opt[Any] = None
+    ipfs: Opt[IpfsExport] = None
+    type: Opt[str] = None
+    id: Opt[str] = None
+
+
+class TranscodeOutputs(_Wire):
+    hls: Opt[PathRef] = None
+    mp4: Opt[PathRef] = None
+    fmp4: Opt[PathRef] = None
+
+
+class TranscodeFileParams(_Wire):
+    input: Opt[UrlRef] = None
+    storage: Opt[UrlRef] = None  # s3+https://KEY:SECRET@host/bucket: userinfo hidden
+    outputs: Opt[TranscodeOutputs] = None
+    profiles: Opt[list[TranscodeProfile]] = None
+    target_segment_size_secs: Opt[Number] = None
+    creator_id: Opt[str] = None
+    c2pa: Opt[bool] = Field(default=None, alias="c2pa")  # to_camel would say c2Pa
+
+
+class ClipStrategy(_Wire):
+    start_time: Opt[Number] = None
+    end_time: Opt[Number] = None
+    playback_id: Opt[str] = None
+
+
+class ClipParams(_Wire):
+    url: Opt[str] = None
+    clip_strategy: Opt[ClipStrategy] = None
+    catalyst_pipeline_strategy: Opt[str] = None
+    session_id: Opt[str] = None
+    input_id: Opt[str] = None
+
+
+class LegacyTranscodeParams(_Wire):
+    profile: Opt[TranscodeProfile] = None
+
+
+class TaskParams(_Wire):
+    """``params``: keyed by task kind; keys do not always equal the type string."""
+
+    upload: Opt[UploadParams] = None
+    import_: Opt[UploadParams] = Field(default=None, alias="import")
+    export: Opt[ExportParams] = None
+    export_data: Opt[ExportDataParams] = None
+    transcode: Opt[LegacyTranscodeParams] = None
+    transcode_file: Opt[TranscodeFileParams] = Field(default=None, alias="transcode-file")
+    clip: Opt[ClipParams] = None
+
+
+# ---------------------------------------------------------------- output
+
+
+class AssetOutput(_Wire):
+    video_file_path: Opt[str] = None
+    metadata_file_path: Opt[str] = None
+    asset_spec: Opt[Asset] = None
+
+
+class IpfsExportOutput(_Wire):
+    video_file_cid: Opt[str] = None
+    video_file_url: Opt[str] = None
+    video_file_gateway_url: Opt[str] = None
+    nft_metadata_cid: Opt[str] = None
+    nft_metadata_url: Opt[str] = None
+    nft_metadata_gateway_url: Opt[str] = None
+
+
+class ExportOutput(_Wire):
+    ipfs: Opt[IpfsExportOutput] = None
+
+
+class CidRef(_Wire):
+    cid: Opt[str] = None
+
+
+class ExportDataOutput(_Wire):
+    ipfs: Opt[CidRef] = None
+
+
+class InputVideo(_Wire):
+    duration: Opt[Number] = None
+    size: Opt[Number] = None
+
+
+class TranscodeFileOutput(_Wire):
+    # request_id / input_video are snake_case on the wire (Livepeer's own quirk).
+    base_url: Opt[str] = None
+    hls: Opt[PathRef] = None
+    mp4: Opt[list[PathRef]] = None
+    request_id: Opt[str] = Field(default=None, alias="request_id")
+    input_video: Opt[InputVideo] = Field(default=None, alias="input_video")
+
+
+class TaskOutput(_Wire):
+    """``output``: keyed by task kind (``transcodeFile`` for transcode-file)."""
+
+    upload: Opt[AssetOutput] = None
+    import_: Opt[AssetOutput] = Field(default=None, alias="import")
+    export: Opt[ExportOutput] = None
+    export_data: Opt[ExportDataOutput] = None
+    transcode_file: Opt[TranscodeFileOutput] = None
+    clip: Opt[AssetOutput] = None
+
+
+# ---------------------------------------------------------------- the task
+
+
+class TaskStatus(_Wire):
+    """``status``: replaced wholesale on every update (spec §4)."""
+
+    phase: Phase | str
+    updated_at: int | float
+    progress: Opt[Number] = None
+    error_message: Opt[str] = None
+    retries: Opt[Number] = None
+    step: Opt[str] = None
+
+    @field_validator("phase", mode="before")
+    @classmethod
+    def _phase_is_text(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("status.phase must be a non-empty string")
+        return value
+
+    @field_validator("updated_at", mode="before")
+    @classmethod
+    def _updated_at_is_number(cls, value: Any) -> Any:
+        # JSON booleans are ints to Python; a boolean timestamp is a broken producer.
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError("status.updatedAt must be a number (Unix milliseconds)")
+        return value
+
+
+class Task(_Wire):
+    """A Livepeer Task snapshot, or the task phasewatch materialized from several."""
+
+    id: str
+    type: Opt[TaskType | str] = None
+    created_at: Opt[Number] = None
+    scheduled_at: Opt[Number] = None
+    input_asset_id: Opt[str] = None
+    output_asset_id: Opt[str] = None
+    project_id: Opt[str] = None
+    requester_id: Opt[str] = None
+    user_id: Opt[str] = None
+    deleted: Opt[bool] = None
+    params: Opt[TaskParams] = None
+    status: TaskStatus
+    output: Opt[TaskOutput] = None
+    # The documentation page shows ``clip`` at the top level; real traffic has it in params.
+    clip: Opt[ClipParams] = None
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_is_text(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError("task id must be a non-empty string")
+        return value
+
+    @property
+    def phase(self) -> str:
+        return str(self.status.phase)
+
+    @property
+    def clip_params(self) -> ClipParams | None:
+        """Clip parameters wherever the producer put them (params.clip or top level)."""
+        params = self.params
+        if isinstance(params, TaskParams) and isinstance(params.clip, ClipParams):
+            return params.clip
+        return self.clip if isinstance(self.clip, ClipParams) else None

@@ -1,0 +1,354 @@
+"""SQLite :class:`~consumer.store.Store`: the embedded default. The only module that
+speaks SQLite.
+
+One file, WAL journal. Writes run on one dedicated thread with its own connection, so
+the event loop never blocks on disk and batches commit one after another; reads run on a
+second thread and connection, which WAL lets proceed while a write is in progress.
+
+Durability: ``synchronous=FULL`` by default, so a batch acknowledged to a webhook sender
+survives power loss, not just a process crash. ``NORMAL`` trades the last few batches on
+power loss (never on a process crash) for fewer fsyncs.
+
+Several processes may open the same file (``phasewatch serve`` and a CLI ``import``):
+each write transaction starts with ``BEGIN IMMEDIATE`` and reads what it folds against
+inside the transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import orjson
+
+from consumer.codec import Event, EventFormat
+from consumer.fold import TaskState
+from consumer.store import (
+    ChangeRecord,
+    Cursor,
+    HistoryEntry,
+    IngestResult,
+    StoredTask,
+    StoreStats,
+    TaskPage,
+    TaskQuery,
+    decode_keys,
+    encode_keys,
+    plan_batch,
+)
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT    NOT NULL UNIQUE,
+    task_id     TEXT,
+    kind        TEXT    NOT NULL,
+    format      TEXT    NOT NULL,
+    source      TEXT    NOT NULL,
+    received_at INTEGER NOT NULL,
+    created_at  NUMERIC NOT NULL,
+    updated_at  NUMERIC,
+    raw         BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, seq) WHERE task_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS tasks (
+    id         TEXT    PRIMARY KEY,
+    type       TEXT,
+    phase      TEXT    NOT NULL,
+    updated_at NUMERIC NOT NULL,
+    version    INTEGER NOT NULL,
+    doc        BLOB    NOT NULL,
+    keys       BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_by_updated ON tasks (updated_at, id);
+CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (phase, updated_at, id);
+CREATE TABLE IF NOT EXISTS changes (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id        TEXT    NOT NULL,
+    event_id       TEXT    NOT NULL,
+    previous_phase TEXT,
+    phase          TEXT    NOT NULL,
+    changed_at     NUMERIC NOT NULL,
+    recorded_at    INTEGER NOT NULL,
+    task           BLOB    NOT NULL,
+    dispatched     INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_id, seq);
+CREATE INDEX IF NOT EXISTS changes_pending ON changes (seq) WHERE dispatched = 0;
+"""
+
+_CHUNK = 500  # stays far below SQLite's bound-parameter limit
+
+
+def path_from_url(url: str) -> Path:
+    """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` to a path."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(f"not a SQLite URL (expected sqlite:///PATH): {url!r}")
+    return Path(url[len(prefix) :])
+
+
+class SQLiteStore:
+    def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-w")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-r")
+        self._wcon: sqlite3.Connection | None = None
+        self._rcon: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        self._wcon = await self._run(self._writer, self._connect, True)
+        self._rcon = await self._run(self._reader, self._connect, False)
+
+    async def close(self) -> None:
+        for pool, con in ((self._writer, self._wcon), (self._reader, self._rcon)):
+            if con is not None:
+                await self._run(pool, con.close)
+        self._wcon = self._rcon = None
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    def _connect(self, writer: bool) -> sqlite3.Connection:
+        if writer:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        con.execute("PRAGMA busy_timeout = 10000")
+        if writer:
+            con.execute("PRAGMA journal_mode = WAL")
+            con.executescript(_SCHEMA)
+        con.execute(f"PRAGMA synchronous = {self._synchronous}")
+        return con
+
+    @staticmethod
+    async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def _w(self) -> sqlite3.Connection:
+        if self._wcon is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return self._wcon
+
+    def _r(self) -> sqlite3.Connection:
+        if self._rcon is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return self._rcon
+
+    # ------------------------------------------------------------ writes
+
+    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+        return await self._run(self._writer, self._ingest, list(events), source, received_at)
+
+    def _ingest(self, events: list[Event], source: str, received_at: int) -> IngestResult:
+        con = self._w()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            result = self._ingest_in_tx(con, events, source, received_at)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        return result
+
+    def _ingest_in_tx(
+        self, con: sqlite3.Connection, events: list[Event], source: str, received_at: int
+    ) -> IngestResult:
+        known = _select_in(
+            con, "SELECT event_id FROM events WHERE event_id IN ({})", list({e.id for e in events})
+        )
+        touched = list({e.task_id for e in events if e.task_id is not None})
+        states: dict[str, TaskState] = {}
+        versions: dict[str, int] = {}
+        for task_id, doc, keys, version in _select_in(
+            con, "SELECT id, doc, keys, version FROM tasks WHERE id IN ({})", touched
+        ):
+            states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
+            versions[task_id] = version
+        plan = plan_batch(events, (row[0] for row in known), states)
+
+        con.executemany(
+            "INSERT INTO events (event_id, task_id, kind, format, source, received_at,"
+            " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    e.id,
+                    e.task_id,
+                    e.kind,
+                    e.format.value,
+                    source,
+                    received_at,
+                    e.created_at,
+                    e.updated_at,
+                    e.raw,
+                )
+                for e in plan.new_events
+            ],
+        )
+        con.executemany(
+            "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET type = excluded.type,"
+            " phase = excluded.phase, updated_at = excluded.updated_at,"
+            " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
+            [
+                (
+                    task_id,
+                    _text_or_none(s.task.get("type")),
+                    s.phase,
+                    s.updated_at,
+                    versions.get(task_id, 0) + (task_id in plan.versions_bumped),
+                    orjson.dumps(s.task),
+                    encode_keys(s.keys),
+                )
+                for task_id, s in plan.states.items()
+            ],
+        )
+        recorded: list[ChangeRecord] = []
+        for c in plan.changes:
+            (seq,) = con.execute(
+                "INSERT INTO changes (task_id, event_id, previous_phase, phase, changed_at,"
+                " recorded_at, task) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
+                (
+                    c.task_id,
+                    c.event_id,
+                    c.previous_phase,
+                    c.phase,
+                    c.changed_at,
+                    received_at,
+                    orjson.dumps(c.task),
+                ),
+            ).fetchone()
+            recorded.append(
+                ChangeRecord(
+                    seq,
+                    c.task_id,
+                    c.event_id,
+                    c.previous_phase,
+                    c.phase,
+                    c.changed_at,
+                    received_at,
+                    c.task,
+                )
+            )
+        return IngestResult(plan.outcomes, recorded)
+
+    async def mark_dispatched(self, seqs: Sequence[int]) -> None:
+        def run() -> None:
+            con = self._w()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.executemany(
+                    "UPDATE changes SET dispatched = 1 WHERE seq = ?", [(s,) for s in seqs]
+                )
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+
+        await self._run(self._writer, run)
+
+    # ------------------------------------------------------------ reads
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        def run() -> list[Any]:
+            return self._r().execute(sql, params).fetchall()
+
+        return await self._run(self._reader, run)
+
+    async def get_task(self, task_id: str) -> StoredTask | None:
+        rows = await self._read("SELECT doc, version FROM tasks WHERE id = ?", (task_id,))
+        return StoredTask(orjson.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.phases:
+            where.append(f"phase IN ({','.join('?' * len(query.phases))})")
+            params.extend(query.phases)
+        if query.types:
+            where.append(f"type IN ({','.join('?' * len(query.types))})")
+            params.extend(query.types)
+        if query.updated_since is not None:
+            where.append("updated_at >= ?")
+            params.append(query.updated_since)
+        if query.after is not None:
+            where.append(f"(updated_at, id) {'<' if query.descending else '>'} (?, ?)")
+            params.extend((query.after.updated_at, query.after.task_id))
+        order = "DESC" if query.descending else "ASC"
+        # Only fixed fragments and '?' placeholders are interpolated; values are bound.
+        sql = (
+            "SELECT doc, version, updated_at, id FROM tasks"  # noqa: S608
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY updated_at {order}, id {order} LIMIT ?"
+        )
+        rows = await self._read(sql, [*params, query.limit + 1])
+        page = rows[: query.limit]
+        tasks = [StoredTask(orjson.loads(doc), version) for doc, version, _, _ in page]
+        more = len(rows) > query.limit
+        cursor = Cursor(page[-1][2], page[-1][3]) if more and page else None
+        return TaskPage(tasks, cursor)
+
+    async def task_history(self, task_id: str) -> list[HistoryEntry]:
+        rows = await self._read(
+            "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw"
+            " FROM events WHERE task_id = ? ORDER BY seq",
+            (task_id,),
+        )
+        return [
+            HistoryEntry(seq, eid, kind, EventFormat(fmt), src, rcv, created, tid, bytes(raw))
+            for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
+        ]
+
+    async def task_changes(self, task_id: str) -> list[ChangeRecord]:
+        rows = await self._read(
+            "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task"
+            " FROM changes WHERE task_id = ? ORDER BY seq",
+            (task_id,),
+        )
+        return [_change(row) for row in rows]
+
+    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
+        rows = await self._read(
+            "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task"
+            " FROM changes WHERE dispatched = 0 ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [_change(row) for row in rows]
+
+    async def stats(self) -> StoreStats:
+        rows = await self._read(
+            "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),"
+            " (SELECT count(*) FROM changes WHERE dispatched = 0)"
+        )
+        events, tasks, pending = rows[0]
+        return StoreStats(events, tasks, pending)
+
+
+def _change(row: Any) -> ChangeRecord:
+    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task = row
+    return ChangeRecord(
+        seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task)
+    )
+
+
+def _select_in(con: sqlite3.Connection, sql: str, values: list[str]) -> list[Any]:
+    rows: list[Any] = []
+    for start in range(0, len(values), _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        rows.extend(con.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
+    return rows
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None

@@ -1,0 +1,263 @@
+"""The store seam: what every backend keeps, the Protocol they implement, and the pure
+batch planner they share.
+
+A store keeps three things, written together in one transaction per batch:
+
+* the **history**: every accepted event (raw bytes, source, receipt time), append-only,
+  deduplicated by event id;
+* the **view**: the latest materialized task per id (with the per-field fold keys);
+* the **outbox**: phase changes still to be handed to handlers.
+
+Backends differ only in how they read and write rows. Deciding what a batch does —
+which events are duplicates, the new state of each task, which phase changes to record —
+is :func:`plan_batch`, pure and shared, so SQLite, PostgreSQL and the in-memory fake
+cannot drift apart. Nothing backend-specific (SQL, connections, rowids) crosses the
+Protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import orjson
+
+from consumer.codec import Event, EventFormat
+from consumer.fold import Key, TaskState, apply
+
+__all__ = [
+    "BatchPlan",
+    "ChangeRecord",
+    "Cursor",
+    "HistoryEntry",
+    "IngestResult",
+    "NewChange",
+    "Outcome",
+    "Store",
+    "StoreStats",
+    "StoredTask",
+    "TaskPage",
+    "TaskQuery",
+    "decode_keys",
+    "encode_keys",
+    "plan_batch",
+]
+
+
+class Outcome(StrEnum):
+    ACCEPTED = "accepted"  # new event, now in the history (and folded, if a task event)
+    DUPLICATE = "duplicate"  # event id already in the history: nothing done
+
+
+@dataclass(frozen=True, slots=True)
+class NewChange:
+    """A phase change computed by :func:`plan_batch`, not yet given an outbox sequence."""
+
+    task_id: str
+    event_id: str
+    previous_phase: str | None
+    phase: str
+    changed_at: int | float  # status.updatedAt of the snapshot that moved the phase
+    task: dict[str, Any]  # the materialized task right after the change
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """A phase change as recorded in the outbox. ``seq`` orders changes store-wide."""
+
+    seq: int
+    task_id: str
+    event_id: str
+    previous_phase: str | None
+    phase: str
+    changed_at: int | float
+    recorded_at: int  # Unix ms when phasewatch committed it
+    task: dict[str, Any]  # the materialized task right after the change (not redacted)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTask:
+    """A materialized task as read back from the view (not yet redacted)."""
+
+    task: dict[str, Any]
+    version: int  # bumps on every change of the materialized task
+
+    @property
+    def id(self) -> str:
+        return str(self.task["id"])
+
+    @property
+    def phase(self) -> str:
+        return str(self.task["status"]["phase"])
+
+    @property
+    def updated_at(self) -> int | float:
+        value: int | float = self.task["status"]["updatedAt"]
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One accepted event as kept in the history."""
+
+    seq: int
+    event_id: str
+    kind: str
+    format: EventFormat
+    source: str
+    received_at: int
+    created_at: int | float
+    task_id: str | None
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Position in the ``(status.updatedAt, id)`` order of the view, opaque to clients."""
+
+    updated_at: int | float
+    task_id: str
+
+    def encode(self) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps([self.updated_at, self.task_id])).decode()
+
+    @classmethod
+    def decode(cls, text: str) -> Cursor:
+        try:
+            updated_at, task_id = orjson.loads(base64.urlsafe_b64decode(text.encode()))
+        except (ValueError, TypeError, orjson.JSONDecodeError):
+            raise ValueError("cursor is not one this API issued") from None
+        if not isinstance(updated_at, int | float) or not isinstance(task_id, str):
+            raise ValueError("cursor is not one this API issued")
+        return cls(updated_at, task_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    phases: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    updated_since: int | float | None = None  # status.updatedAt >= this (ms)
+    after: Cursor | None = None
+    limit: int = 100
+    descending: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[StoredTask]
+    next_cursor: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    events: int
+    tasks: int
+    pending_changes: int
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """One outcome per event of the batch, in order, and the phase changes it recorded."""
+
+    outcomes: list[Outcome]
+    changes: list[ChangeRecord]
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    """What one batch does to a store; backends write it in one transaction."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+    new_events: list[Event] = field(default_factory=list)
+    states: dict[str, TaskState] = field(default_factory=dict)  # tasks to write
+    versions_bumped: set[str] = field(default_factory=set)  # tasks whose materialized value changed
+    changes: list[NewChange] = field(default_factory=list)
+
+
+def plan_batch(
+    events: Sequence[Event],
+    known_event_ids: Iterable[str],
+    states: Mapping[str, TaskState],
+) -> BatchPlan:
+    """Decide what a batch does, given the event ids already stored among the batch's and
+    the current state of the tasks it touches (absent: never seen)."""
+    seen = set(known_event_ids)
+    current: dict[str, TaskState] = dict(states)
+    plan = BatchPlan()
+    for event in events:
+        if event.id in seen:
+            plan.outcomes.append(Outcome.DUPLICATE)
+            continue
+        seen.add(event.id)
+        plan.outcomes.append(Outcome.ACCEPTED)
+        plan.new_events.append(event)
+        if event.task_id is None:
+            continue
+        before = current.get(event.task_id)
+        applied = apply(before, event)
+        if applied.state is before:
+            continue
+        current[event.task_id] = applied.state
+        plan.states[event.task_id] = applied.state
+        if applied.changed:
+            plan.versions_bumped.add(event.task_id)
+        if applied.transition is not None:
+            plan.changes.append(
+                NewChange(
+                    event.task_id,
+                    event.id,
+                    applied.transition.previous,
+                    applied.transition.phase,
+                    applied.state.updated_at,
+                    applied.state.task,
+                )
+            )
+    return plan
+
+
+def encode_keys(keys: Mapping[str, Key]) -> bytes:
+    """Per-field fold keys, compactly: most fields share the key of one snapshot."""
+    distinct: dict[Key, int] = {}
+    fields: dict[str, int] = {}
+    for name, key in keys.items():
+        fields[name] = distinct.setdefault(key, len(distinct))
+    return orjson.dumps({"k": list(distinct), "f": fields})
+
+
+def decode_keys(blob: bytes | str) -> dict[str, Key]:
+    doc = orjson.loads(blob)
+    table = [(k[0], k[1], k[2]) for k in doc["k"]]
+    return {name: table[index] for name, index in doc["f"].items()}
+
+
+class Store(Protocol):
+    """A backend. All methods are coroutines; implementations must be safe to call
+    concurrently from one event loop (they serialize writes themselves)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+        """Store, fold and record the phase changes of a batch, in one transaction.
+        All or nothing."""
+        ...
+
+    async def get_task(self, task_id: str) -> StoredTask | None: ...
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage: ...
+
+    async def task_history(self, task_id: str) -> list[HistoryEntry]: ...
+
+    async def task_changes(self, task_id: str) -> list[ChangeRecord]: ...
+
+    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
+        """Outbox entries not yet marked dispatched, in ``seq`` order."""
+        ...
+
+    async def mark_dispatched(self, seqs: Sequence[int]) -> None: ...
+
+    async def stats(self) -> StoreStats: ...
