@@ -20,12 +20,12 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from consumer.http import parse_time
 from consumer.secrets import redact
 from consumer.service import open_store, serve
 from consumer.settings import Settings
 from consumer.signature import sign
 from consumer.store import TaskQuery
+from consumer.times import parse_time
 
 __all__ = ["main"]
 

@@ -24,7 +24,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -36,8 +35,9 @@ from consumer.ingest import Ingestor
 from consumer.secrets import redact
 from consumer.signature import SignatureError, verify
 from consumer.store import Cursor, Store, TaskQuery
+from consumer.times import parse_time
 
-__all__ = ["HttpConfig", "build_app", "parse_time"]
+__all__ = ["HttpConfig", "build_app"]
 
 log = logging.getLogger(__name__)
 
@@ -202,20 +202,6 @@ def _task_query(request: web.Request) -> TaskQuery:
         raise ValueError("order must be asc or desc")
     after = Cursor.decode(q["cursor"]) if "cursor" in q else None
     return TaskQuery(phases, types, since, after, limit, order == "desc")
-
-
-def parse_time(text: str) -> int:
-    """Unix milliseconds or ISO-8601 (a naive time is UTC) to Unix milliseconds."""
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"not a time (ISO-8601 or Unix ms): {text!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return int(parsed.timestamp() * 1000)
 
 
 async def task_history(request: web.Request) -> web.Response:

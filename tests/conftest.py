@@ -1,0 +1,46 @@
+"""Shared pytest fixtures: the shared fixture streams, store backends, a running service.
+
+Tiers (see the README): ``tests/unit`` is pure, ``tests/http`` runs the app in-process,
+``tests/process`` spawns real ``phasewatch`` processes, ``tests/kafka`` needs the real
+broker that ``tests.kafka_fixtures`` starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from consumer.memory_store import MemoryStore
+from consumer.sqlite_store import SQLiteStore
+from consumer.store import Store
+
+pytest_plugins = ["tests.kafka_fixtures"]
+
+# The machines are small and shared with a broker: judge properties, not speed.
+settings.register_profile(
+    "phasewatch", deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile("phasewatch")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store]:
+    """Every backend, opened; one behaviour suite runs against each."""
+    backend: Store
+    if request.param == "memory":
+        backend = MemoryStore()
+    else:
+        backend = SQLiteStore(tmp_path_factory.mktemp("db") / "phasewatch.db")
+    await backend.open()
+    yield backend
+    await backend.close()
+
+
+@pytest.fixture
+def sqlite_path(tmp_path_factory: pytest.TempPathFactory) -> Callable[[], str]:
+    def make() -> str:
+        return str(tmp_path_factory.mktemp("db") / "phasewatch.db")
+
+    return make

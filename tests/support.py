@@ -1,0 +1,88 @@
+"""Helpers for tests: the shared fixture streams and small builders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PHASEWATCH_SHARED_DIR", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+FIXTURE_SECRET = b"whsec_fixture"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    signature: str
+    body: bytes
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        doc: dict[str, Any] = orjson.loads(self.body)
+        return doc
+
+    def order_key(self) -> tuple[Any, ...]:
+        doc = self.doc
+        snapshot = doc["payload"]["task"]["snapshot"]
+        return (snapshot["status"]["updatedAt"], doc["createdAt"], doc["id"])
+
+
+@cache
+def deliveries(name: str) -> tuple[Delivery, ...]:
+    lines = (FIXTURES / name / "deliveries.jsonl").read_bytes().splitlines()
+    out = []
+    for line in lines:
+        if line.strip():
+            d = orjson.loads(line)
+            out.append(Delivery(d["signature"], d["body"].encode()))
+    return tuple(out)
+
+
+@cache
+def _expected(name: str, file: str) -> bytes:
+    return (FIXTURES / name / file).read_bytes()
+
+
+def expected_tasks(name: str) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = orjson.loads(_expected(name, "expected_tasks.json"))
+    return result
+
+
+def expected_changes(name: str) -> dict[str, list[list[str | None]]]:
+    result: dict[str, list[list[str | None]]] = orjson.loads(
+        _expected(name, "expected_phase_changes_in_order.json")
+    )
+    return result
+
+
+def webhook_body(
+    event_id: str,
+    snapshot: dict[str, Any],
+    *,
+    event: str = "task.updated",
+    created_at: int | None = None,
+    timestamp: int | None = None,
+) -> bytes:
+    created = created_at if created_at is not None else snapshot["status"]["updatedAt"]
+    return orjson.dumps(
+        {
+            "id": event_id,
+            "webhookId": "wh-test",
+            "createdAt": created,
+            "timestamp": timestamp if timestamp is not None else created,
+            "event": event,
+            "payload": {"task": {"id": snapshot["id"], "type": snapshot.get("type"),
+                                  "snapshot": snapshot}},
+        }
+    )
+
+
+def snapshot(task_id: str, phase: str, updated_at: int, **fields: Any) -> dict[str, Any]:
+    status = {"phase": phase, "updatedAt": updated_at}
+    status.update(fields.pop("status_extra", {}))
+    return {"id": task_id, "type": "upload", "createdAt": 1, **fields, "status": status}
