@@ -1,0 +1,73 @@
+"""Run ``phasewatch serve`` as a real child process, for crash and CLI tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.support import REPO
+
+PHASEWATCH = str(Path(sys.executable).with_name("phasewatch"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class ServiceProcess:
+    def __init__(self, db: Path, *, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = db.with_suffix(".log")
+        self.env = {
+            **os.environ,
+            "PHASEWATCH_DATABASE_URL": f"sqlite:///{db}",
+            "PHASEWATCH_HTTP_HOST": "127.0.0.1",
+            "PHASEWATCH_HTTP_PORT": str(self.port),
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> ServiceProcess:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [PHASEWATCH, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"phasewatch exited: {self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError(f"phasewatch not ready: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode

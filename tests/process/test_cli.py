@@ -1,0 +1,69 @@
+"""The phasewatch command line, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import orjson
+import pytest
+
+from consumer.secrets import redact
+from tests.process.service_proc import PHASEWATCH, ServiceProcess
+from tests.support import FIXTURES, REPO, expected_tasks
+
+pytestmark = pytest.mark.slow
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PHASEWATCH, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, cwd=REPO, check=False)
+
+
+def test_help_documents_configuration() -> None:
+    out = run("serve", "--help").stdout
+    for name in ("PHASEWATCH_DATABASE_URL", "PHASEWATCH_WEBHOOK_SECRET", "PHASEWATCH_HANDLERS",
+                 "PHASEWATCH_WEBHOOK_TOLERANCE_S", "PHASEWATCH_API_TOKEN", "PHASEWATCH_HTTP_PORT"):
+        assert name in out
+
+
+def test_bad_configuration_is_a_clear_error() -> None:
+    result = run("tasks", "list", env={"PHASEWATCH_DATABASE_URL": "oracle://db"})
+    assert result.returncode == 2 and "database_url" in result.stderr
+
+
+def test_send_then_query_the_store(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    service = ServiceProcess(db, PHASEWATCH_WEBHOOK_SECRET="whsec_fixture",
+                             PHASEWATCH_WEBHOOK_TOLERANCE_S="0").start()
+    try:
+        sent = run("send", str(FIXTURES / "small" / "deliveries.jsonl"),
+                   "--url", f"{service.url}/webhooks/livepeer")
+        assert sent.returncode == 0, sent.stderr
+        assert "200: 289" in sent.stdout
+    finally:
+        assert service.stop() == 0  # graceful stop on SIGTERM
+    env = {"PHASEWATCH_DATABASE_URL": f"sqlite:///{db}"}
+    expected = expected_tasks("small")
+    task_id = next(iter(expected))
+    got = run("tasks", "get", task_id, env=env)
+    assert got.returncode == 0 and orjson.loads(got.stdout) == redact(expected[task_id])
+    assert run("tasks", "get", "nope", env=env).returncode == 1
+    listed = run("tasks", "list", "--phase", "failed", "--json", env=env)
+    failed = {orjson.loads(line)["id"] for line in listed.stdout.splitlines()}
+    assert failed == {k for k, v in expected.items() if v["status"]["phase"] == "failed"}
+    assert len(run("tasks", "list", "--limit", "1000", env=env).stdout.splitlines()) == len(expected)
+
+
+def test_send_resign_against_a_fresh_window(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "r.db", PHASEWATCH_WEBHOOK_SECRET="other").start()
+    try:
+        url = f"{service.url}/webhooks/livepeer"
+        stale = run("send", str(FIXTURES / "small" / "deliveries.jsonl"), "--url", url)
+        assert stale.returncode == 1 and "401" in stale.stdout
+        fresh = run("send", str(FIXTURES / "small" / "deliveries.jsonl"), "--url", url,
+                    "--resign", "other", "--in-order")
+        assert fresh.returncode == 0 and "200: 289" in fresh.stdout
+    finally:
+        service.stop()
