@@ -215,23 +215,14 @@ class SQLiteStore:
             ],
         )
         recorded: list[ChangeRecord] = []
-        for c in plan.changes:
-            (seq,) = con.execute(
-                "INSERT INTO changes (task_id, event_id, previous_phase, phase, changed_at,"
-                " recorded_at, task) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-                (
-                    c.task_id,
-                    c.event_id,
-                    c.previous_phase,
-                    c.phase,
-                    c.changed_at,
-                    received_at,
-                    orjson.dumps(c.task),
-                ),
-            ).fetchone()
-            recorded.append(
+        if plan.changes:
+            # We hold the write lock, so the next AUTOINCREMENT values are ours to assign;
+            # explicit seqs let one executemany replace a RETURNING round trip per change.
+            row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+            base = row[0] if row else 0
+            recorded = [
                 ChangeRecord(
-                    seq,
+                    base + i,
                     c.task_id,
                     c.event_id,
                     c.previous_phase,
@@ -240,6 +231,24 @@ class SQLiteStore:
                     received_at,
                     c.task,
                 )
+                for i, c in enumerate(plan.changes, start=1)
+            ]
+            con.executemany(
+                "INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,"
+                " recorded_at, task) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.seq,
+                        r.task_id,
+                        r.event_id,
+                        r.previous_phase,
+                        r.phase,
+                        r.changed_at,
+                        r.recorded_at,
+                        orjson.dumps(r.task),
+                    )
+                    for r in recorded
+                ],
             )
         return IngestResult(plan.outcomes, recorded)
 

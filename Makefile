@@ -1,0 +1,47 @@
+# The same entry points for people and CI. `make serve` and `make test` are the two
+# set-up commands of the README: each creates .venv at the repository root if needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: serve test check lint typecheck pytest bench kafka clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Install and run phasewatch on the embedded default (SQLite at ./phasewatch.db, no Kafka).
+serve: $(STAMP)
+	$(BIN)/phasewatch serve
+
+## Install and run everything CI runs: lint, types, and all test tiers (real broker included).
+test: $(STAMP) lint typecheck pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check consumer handlers tests bench deploy
+	$(BIN)/ruff format --check consumer handlers
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+## Benchmarks (numbers go in the README); not part of the test suite.
+bench: $(STAMP)
+	$(BIN)/python bench/webhook_bench.py
+	$(BIN)/python bench/ingest_bench.py
+
+## A local single-node Kafka broker (jars from Maven Central, cached), in the foreground.
+kafka: $(STAMP)
+	$(BIN)/python deploy/kafka_local.py start
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
