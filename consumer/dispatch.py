@@ -4,10 +4,17 @@ Changes reach the dispatcher two ways: pushed by the ingestor right after a comm
 latency) and read from the store's outbox at start and after every push (nothing is
 lost across a crash: a change stays pending until every handler has been given it).
 
+Several processes may share one store (two replicas consuming one Kafka group into one
+database): only the holder of the store's ``dispatch`` lease delivers, so a change is not
+handed out once per process. The lease outlives the handler timeout; if its holder dies,
+another process takes over when it expires (at once, if the holder was a process of
+this host that has exited: a restart does not wait out its own lease).
+
 Guarantees of this first cut, stated plainly: each change is given to each handler at
 least once, in commit order; a crash between a handler returning and the outbox being
-marked can repeat a change. A handler that raises or exceeds its timeout is logged and
-never affects ingestion or the other handlers. Retries with backoff, dead letters,
+marked can repeat a change. A process without handlers never touches the outbox. A
+handler that raises or exceeds its timeout is logged and never affects ingestion or the
+other handlers. Retries with backoff, dead letters,
 per-handler delivery records and per-task concurrency are the dispatcher issue's work.
 """
 
@@ -16,6 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,17 +79,29 @@ class NamedHandler:
 
 class Dispatcher:
     def __init__(
-        self, store: Store, handlers: Sequence[NamedHandler], *, timeout_s: float = 30.0
+        self,
+        store: Store,
+        handlers: Sequence[NamedHandler],
+        *,
+        timeout_s: float = 30.0,
+        poll_s: float = 1.0,
     ) -> None:
         self._store = store
         self._handlers = list(handlers)
         self._timeout_s = timeout_s
+        self._poll_s = poll_s
+        # Long enough that a handler at its timeout never outlives the lease.
+        self._lease_ms = int((2 * timeout_s + 10) * 1000)
+        self._lease_renewed = 0.0
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.delivered = 0
         self.failures = 0
 
     async def start(self) -> None:
+        if not self._handlers:
+            return  # nothing to deliver to; leave the outbox to processes that have handlers
         self._wake.set()  # pick up whatever a previous run left in the outbox
         self._task = asyncio.create_task(self._run(), name="dispatch")
 
@@ -96,16 +119,41 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
+            # Polling too: another process may commit changes, or drop the lease.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._wake.clear()
-            while batch := await self._store.pending_changes(500):
-                for record in batch:
-                    await self._deliver(record)
-                await self._store.mark_dispatched([r.seq for r in batch])
+            try:
+                await self._drain()
+            except Exception:
+                log.exception("dispatch pass failed; retrying")
+
+    async def _drain(self) -> None:
+        while await self._hold_lease(force=True) and (
+            batch := await self._store.pending_changes(500)
+        ):
+            for record in batch:
+                if not await self._hold_lease():
+                    return
+                await self._deliver(record)
+            await self._store.mark_dispatched([r.seq for r in batch])
+
+    async def _hold_lease(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._lease_renewed < self._lease_ms / 3000:
+            return True
+        now_ms = time.time_ns() // 1_000_000
+        holder = await self._store.acquire_lease("dispatch", self._owner, self._lease_ms, now_ms)
+        if holder != self._owner and _dead_here(holder):
+            # A crashed process on this host (a restart): no need to wait out its lease.
+            holder = await self._store.acquire_lease(
+                "dispatch", self._owner, self._lease_ms, now_ms, take_from=holder
+            )
+        held = holder == self._owner
+        self._lease_renewed = now if held else 0.0
+        return held
 
     async def _deliver(self, record: ChangeRecord) -> None:
-        if not self._handlers:
-            return
         change = PhaseChange.from_record(record)
         for handler in self._handlers:
             try:
@@ -121,3 +169,18 @@ class Dispatcher:
                     record.previous_phase,
                     record.phase,
                 )
+
+
+def _dead_here(owner: str) -> bool:
+    """Whether a lease owner ``host:pid:nonce`` is a process of this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, owned by someone else
+    return False

@@ -24,20 +24,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from consumer.codec import DecodeError, decode
-from consumer.ingest import Ingestor
+from consumer.codec import DecodeError, Event, decode
 from consumer.secrets import redact
 from consumer.signature import SignatureError, verify
 from consumer.store import Cursor, Store, TaskQuery
 from consumer.times import parse_time
 
-__all__ = ["HttpConfig", "build_app"]
+__all__ = ["EventSink", "HttpConfig", "StatusFn", "build_app"]
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +52,19 @@ class HttpConfig:
     api_token: str | None = None
 
 
+class EventSink(Protocol):
+    """Where an accepted webhook goes: the store (via the group-commit ingestor) or, in
+    forward mode, a Kafka topic. Returns a status word once the event is durable."""
+
+    async def submit(self, event: Event) -> str: ...
+
+
+StatusFn = Callable[[], Awaitable[dict[str, Any]]]
+
 STORE_KEY = web.AppKey("store", Store)
-INGESTOR_KEY = web.AppKey("ingestor", Ingestor)
+SINK_KEY = web.AppKey("sink", EventSink)
 CONFIG_KEY = web.AppKey("config", HttpConfig)
+STATUS_KEY: web.AppKey[StatusFn] = web.AppKey("status")
 
 
 def json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
@@ -68,15 +77,18 @@ def error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": code, "message": message}, status=status)
 
 
-def build_app(store: Store, ingestor: Ingestor, config: HttpConfig) -> web.Application:
+def build_app(
+    store: Store, sink: EventSink, config: HttpConfig, status: StatusFn
+) -> web.Application:
     # client_max_size makes aiohttp refuse larger bodies while reading (413) instead of
     # buffering them; Content-Length is checked before reading anything.
     app = web.Application(
         client_max_size=config.max_body_bytes, middlewares=[_errors, _auth(config.api_token)]
     )
     app[STORE_KEY] = store
-    app[INGESTOR_KEY] = ingestor
+    app[SINK_KEY] = sink
     app[CONFIG_KEY] = config
+    app[STATUS_KEY] = status
     app.router.add_post(WEBHOOK_PATH, receive_webhook)
     app.router.add_get("/tasks", list_tasks)
     app.router.add_get("/tasks/{task_id}", get_task)
@@ -148,11 +160,12 @@ async def receive_webhook(request: web.Request) -> web.Response:
     except DecodeError as exc:
         return error(exc.http_status, exc.reason, str(exc))
     try:
-        outcome = await request.app[INGESTOR_KEY].submit(event)
+        outcome = await request.app[SINK_KEY].submit(event)
     except Exception:
         # Our fault, not the sender's: 503 so Livepeer retries later.
+        log.exception("could not make event %s durable", event.id)
         return error(503, "store_unavailable", "event not committed; retry later")
-    return json_response({"status": outcome.value, "id": event.id})
+    return json_response({"status": str(outcome), "id": event.id})
 
 
 def _too_large(config: HttpConfig) -> web.Response:
@@ -252,22 +265,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     try:
-        stats = await request.app[STORE_KEY].stats()
+        status = await request.app[STATUS_KEY]()
     except Exception as exc:
         return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
-    ingest = request.app[INGESTOR_KEY].stats
-    return json_response(
-        {
-            "status": "ready",
-            "events": stats.events,
-            "tasks": stats.tasks,
-            "pendingChanges": stats.pending_changes,
-            "ingest": {
-                "accepted": ingest.accepted,
-                "duplicates": ingest.duplicates,
-                "batches": ingest.batches,
-                "largestBatch": ingest.largest_batch,
-                "failed": ingest.failed,
-            },
-        }
-    )
+    return json_response({"status": "ready", **status})

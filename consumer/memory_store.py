@@ -35,6 +35,7 @@ class MemoryStore:
         self._changes: list[ChangeRecord] = []
         self._dispatched: set[int] = set()
         self._seq = 0
+        self._leases: dict[str, tuple[str, int]] = {}
 
     async def open(self) -> None:
         return None
@@ -117,6 +118,14 @@ class MemoryStore:
 
     async def mark_dispatched(self, seqs: Sequence[int]) -> None:
         self._dispatched.update(seqs)
+
+    async def acquire_lease(
+        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
+    ) -> str:
+        held = self._leases.get(name)
+        if held is None or held[0] in (owner, take_from) or held[1] < now_ms:
+            self._leases[name] = (owner, now_ms + ttl_ms)
+        return self._leases[name][0]
 
     async def stats(self) -> StoreStats:
         pending = len(self._changes) - len(self._dispatched)

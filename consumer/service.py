@@ -15,12 +15,14 @@ import logging
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 from consumer.dispatch import Dispatcher, Handler, NamedHandler
-from consumer.http import HttpConfig, build_app
+from consumer.http import EventSink, HttpConfig, build_app
 from consumer.ingest import Ingestor
+from consumer.kafka import KafkaForwarder, KafkaSource
 from consumer.memory_store import MemoryStore
 from consumer.secrets import redact_text
 from consumer.settings import Settings
@@ -95,29 +97,65 @@ class Service:
     handlers: list[NamedHandler] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        settings = self.settings
         self.dispatcher = Dispatcher(
-            self.store, self.handlers, timeout_s=self.settings.handler_timeout_s
+            self.store, self.handlers, timeout_s=settings.handler_timeout_s
         )
         self.ingestor = Ingestor(
             self.store,
             source="webhook",
-            max_batch=self.settings.ingest_max_batch,
+            max_batch=settings.ingest_max_batch,
             on_changes=self.dispatcher.notify,
         )
-        secret = self.settings.webhook_secret
-        token = self.settings.api_token
+        self.kafka: KafkaSource | None = None
+        self.forwarder: KafkaForwarder | None = None
+        sink: EventSink = self.ingestor
+        if settings.kafka_bootstrap_servers:
+            self.kafka = KafkaSource(self.store, settings, on_changes=self.dispatcher.notify)
+            if settings.webhook_forward:
+                self.forwarder = KafkaForwarder(settings)
+                sink = self.forwarder
+        secret = settings.webhook_secret
+        token = settings.api_token
         self.app = build_app(
             self.store,
-            self.ingestor,
+            sink,
             HttpConfig(
                 webhook_secret=secret.get_secret_value().encode() if secret else None,
-                tolerance_ms=self.settings.webhook_tolerance_s * 1000,
-                max_body_bytes=self.settings.webhook_max_body_bytes,
+                tolerance_ms=settings.webhook_tolerance_s * 1000,
+                max_body_bytes=settings.webhook_max_body_bytes,
                 api_token=token.get_secret_value() if token else None,
             ),
+            self.status,
         )
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
+
+    async def status(self) -> dict[str, Any]:
+        """The readiness payload: store counts, ingestion, dispatch and Kafka figures."""
+        stats = await self.store.stats()
+        ingest = self.ingestor.stats
+        status: dict[str, Any] = {
+            "events": stats.events,
+            "tasks": stats.tasks,
+            "pendingChanges": stats.pending_changes,
+            "ingest": {
+                "accepted": ingest.accepted,
+                "duplicates": ingest.duplicates,
+                "batches": ingest.batches,
+                "largestBatch": ingest.largest_batch,
+                "failed": ingest.failed,
+            },
+            "dispatch": {
+                "delivered": self.dispatcher.delivered,
+                "failures": self.dispatcher.failures,
+            },
+        }
+        if self.kafka is not None:
+            status["kafka"] = self.kafka.status()
+        if self.forwarder is not None:
+            status["forwarded"] = self.forwarder.forwarded
+        return status
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
@@ -128,6 +166,10 @@ class Service:
         await self.store.open()
         await self.ingestor.start()
         await self.dispatcher.start()
+        if self.kafka is not None:
+            await self.kafka.start()
+        if self.forwarder is not None:
+            await self.forwarder.start()
         if self.settings.webhook_secret is None:
             log.warning(
                 "PHASEWATCH_WEBHOOK_SECRET is not set: UNSIGNED webhooks are accepted. "
@@ -136,6 +178,10 @@ class Service:
 
     async def _on_cleanup(self, app: web.Application) -> None:
         del app
+        if self.forwarder is not None:
+            await self.forwarder.stop()
+        if self.kafka is not None:
+            await self.kafka.stop()
         await self.ingestor.stop()
         await self.dispatcher.stop()
         await self.store.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -58,6 +58,38 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Python logging level.")
 
+    # -- Kafka (all optional: without bootstrap servers phasewatch runs on webhooks alone)
+    kafka_bootstrap_servers: str | None = Field(
+        None, description="host:port[,host:port]. Set: consume the topics in a consumer group."
+    )
+    kafka_topics: str = Field(
+        "livepeer.task-events", description="Comma-separated topics to consume."
+    )
+    kafka_group_id: str = Field("phasewatch", description="Consumer group id.")
+    kafka_dlq_suffix: str = Field(
+        ".dlq", description="Poison records go to <topic><suffix>, reason in headers."
+    )
+    kafka_max_batch: int = Field(
+        2000, gt=0, description="Most records folded and committed in one store transaction."
+    )
+    kafka_client_id: str = Field("phasewatch", description="Client id sent to the brokers.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How to reach the brokers."
+    )
+    kafka_sasl_mechanism: (
+        Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None
+    ) = Field(None, description="SASL mechanism, with SASL_* protocols.")
+    kafka_sasl_username: str | None = Field(None, description="SASL username.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password.")
+    kafka_ssl_cafile: str | None = Field(None, description="CA bundle to verify the brokers.")
+    kafka_ssl_certfile: str | None = Field(None, description="Client certificate (mTLS).")
+    kafka_ssl_keyfile: str | None = Field(None, description="Client private key (mTLS).")
+    webhook_forward: bool = Field(
+        False,
+        description="With Kafka: produce verified webhooks to the first topic "
+        "(acks=all) instead of storing them; the consumer materializes them.",
+    )
+
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
@@ -65,8 +97,17 @@ class Settings(BaseSettings):
             raise ValueError("database_url must start with sqlite:/// or memory://")
         return value
 
+    def topics(self) -> list[str]:
+        return [t.strip() for t in self.kafka_topics.split(",") if t.strip()]
+
     def handler_refs(self) -> list[str]:
         return [ref.strip() for ref in self.handlers.split(",") if ref.strip()]
+
+    @model_validator(mode="after")
+    def _forward_needs_kafka(self) -> Settings:
+        if self.webhook_forward and not self.kafka_bootstrap_servers:
+            raise ValueError("webhook_forward needs kafka_bootstrap_servers")
+        return self
 
     @classmethod
     def help_text(cls) -> str:

@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS changes (
 );
 CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_id, seq);
 CREATE INDEX IF NOT EXISTS changes_pending ON changes (seq) WHERE dispatched = 0;
+CREATE TABLE IF NOT EXISTS leases (
+    name       TEXT    PRIMARY KEY,
+    owner      TEXT    NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 """
 
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
@@ -266,6 +271,31 @@ class SQLiteStore:
                 raise
 
         await self._run(self._writer, run)
+
+    async def acquire_lease(
+        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
+    ) -> str:
+        def run() -> str:
+            con = self._w()
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute(
+                    "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                    " expires_at = excluded.expires_at"
+                    " WHERE leases.owner IN (excluded.owner, ?) OR leases.expires_at < ?",
+                    (name, owner, now_ms + ttl_ms, take_from, now_ms),
+                )
+                (holder,) = con.execute(
+                    "SELECT owner FROM leases WHERE name = ?", (name,)
+                ).fetchone()
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            return str(holder)
+
+        return await self._run(self._writer, run)
 
     # ------------------------------------------------------------ reads
 

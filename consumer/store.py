@@ -260,4 +260,13 @@ class Store(Protocol):
 
     async def mark_dispatched(self, seqs: Sequence[int]) -> None: ...
 
+    async def acquire_lease(
+        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
+    ) -> str:
+        """Take or renew the named lease for ``owner`` until ``now_ms + ttl_ms`` when it is
+        free, expired, already ``owner``'s, or held by ``take_from`` (a holder known dead).
+        Returns the holder afterwards. Lets processes sharing a store agree on one
+        dispatcher."""
+        ...
+
     async def stats(self) -> StoreStats: ...

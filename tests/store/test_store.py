@@ -145,3 +145,14 @@ async def test_sqlite_state_survives_reopen(tmp_path: pytest.TempPathFactory) ->
         assert stored is not None and stored.phase == "running" and stored.task["scheduledAt"] == 3
     finally:
         await second.close()
+
+
+async def test_lease_has_one_holder_until_it_expires(store: Store) -> None:
+    assert await store.acquire_lease("dispatch", "a", 1000, now_ms=0) == "a"
+    assert await store.acquire_lease("dispatch", "b", 1000, now_ms=500) == "a"
+    assert await store.acquire_lease("dispatch", "a", 1000, now_ms=900) == "a"  # renewed
+    assert await store.acquire_lease("dispatch", "b", 1000, now_ms=1500) == "a"
+    assert await store.acquire_lease("dispatch", "b", 1000, now_ms=2000) == "b"  # expired
+    # A holder known to be dead can be taken over at once.
+    assert await store.acquire_lease("dispatch", "c", 1000, now_ms=2001, take_from="b") == "c"
+    assert await store.acquire_lease("other", "b", 1000, now_ms=2001) == "b"
