@@ -157,9 +157,11 @@ class KafkaSource:
             await self._dlq.stop()
 
     def status(self) -> dict[str, Any]:
+        assigned = self._consumer.assignment() if self._consumer is not None else set()
         return {
             "topics": self._topics,
             "group": self._settings.kafka_group_id,
+            "assigned": sorted(_tp_name(tp) for tp in assigned),
             **self.stats.as_dict(),
         }
 

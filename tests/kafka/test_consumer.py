@@ -1,0 +1,259 @@
+"""Kafka ingestion against the real broker: the same fold as webhooks, no loss across
+crashes, rebalances and broker outages, poison to the DLQ, webhook forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from consumer.codec import decode
+from consumer.kafka import KafkaSource
+from consumer.secrets import redact
+from consumer.settings import Settings
+from consumer.sqlite_store import SQLiteStore
+from consumer.store import Store
+from tests.kafka_fixtures import KafkaBroker
+from tests.support import deliveries, expected_tasks, snapshot, webhook_body
+
+pytestmark = pytest.mark.kafka
+
+
+def task_key(body: bytes) -> bytes:
+    doc = orjson.loads(body)
+    return str(doc["payload"]["task"]["id"]).encode()
+
+
+async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                linger_ms=5)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=k) for k, v in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def kafka_settings(broker: KafkaBroker, topic: str, **extra: Any) -> Settings:
+    return Settings(kafka_bootstrap_servers=broker.bootstrap_servers, kafka_topics=topic,
+                    kafka_group_id=f"g-{uuid.uuid4().hex[:8]}", **extra)
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def assert_expected(store: Store, fixture: str) -> None:
+    for task_id, task in expected_tasks(fixture).items():
+        stored = await store.get_task(task_id)
+        assert stored is not None, task_id
+        assert stored.task == task
+
+
+def distinct_events(fixture: str) -> int:
+    return len({d.doc["id"] for d in deliveries(fixture)})
+
+
+@pytest.mark.parametrize("fixture", ["small", "messy"])
+async def test_fixture_stream_on_a_topic_folds_to_expected(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path, fixture: str
+) -> None:
+    await produce(kafka_broker.bootstrap_servers, kafka_topic,
+                  [(task_key(d.body), d.body) for d in deliveries(fixture)])
+    store = SQLiteStore(tmp_path / "k.db")
+    await store.open()
+    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    await source.start()
+    try:
+        async def done() -> bool:
+            return (await store.stats()).events == distinct_events(fixture)
+
+        await wait_until(done, what="all events")
+        await assert_expected(store, fixture)
+        assert source.stats.poison == 0
+        # Lag is measured per partition and reaches zero once caught up.
+        await wait_until(lambda: _true(source.stats.lag and sum(source.stats.lag.values()) == 0),
+                         what="lag 0")
+    finally:
+        await source.stop()
+        await store.close()
+
+
+async def _true(value: Any) -> bool:
+    return bool(value)
+
+
+async def test_all_three_formats_on_one_topic(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    bus = orjson.dumps({"type": "webhook_event", "id": "bus-1", "timestamp": 20,
+                        "event": "task.updated", "userId": "u", "projectId": "p",
+                        "payload": {"task": {"id": "T", "snapshot": snapshot("T", "running", 20)}}})
+    bare = orjson.dumps(snapshot("T", "completed", 30))
+    hook = webhook_body("wh-1", snapshot("T", "pending", 10), event="task.spawned")
+    await produce(kafka_broker.bootstrap_servers, kafka_topic, [(b"T", hook), (b"T", bus), (b"T", bare)])
+    store = SQLiteStore(tmp_path / "f.db")
+    await store.open()
+    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    await source.start()
+    try:
+        async def three() -> bool:
+            return (await store.stats()).events == 3
+
+        await wait_until(three, what="3 events")
+        stored = await store.get_task("T")
+        assert stored is not None and stored.phase == "completed"
+        assert [(c.previous_phase, c.phase) for c in await store.task_changes("T")] == [
+            (None, "pending"), ("pending", "running"), ("running", "completed")]
+    finally:
+        await source.stop()
+        await store.close()
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, nothing catches it."""
+
+
+async def test_crash_between_store_commit_and_offset_commit(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    await produce(kafka_broker.bootstrap_servers, kafka_topic,
+                  [(task_key(d.body), d.body) for d in deliveries("messy")])
+    settings = kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=300)
+    store = SQLiteStore(tmp_path / "c.db")
+    await store.open()
+
+    class CrashAfterCommit:
+        """The real store; the third batch commits, then the 'process' dies."""
+
+        def __init__(self) -> None:
+            self.batches = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def ingest(self, *args: Any) -> Any:
+            result = await store.ingest(*args)
+            self.batches += 1
+            if self.batches == 3:
+                raise Crash
+            return result
+
+    crashing = KafkaSource(CrashAfterCommit(), settings)  # type: ignore[arg-type]
+    await crashing.start()
+    assert crashing._task is not None
+    with pytest.raises(Crash):
+        await asyncio.wait_for(crashing._task, 60)
+    crashing._task = None
+    await crashing.stop()  # leaves the group without committing anything more
+    committed_before = (await store.stats()).events
+
+    survivor = KafkaSource(store, settings)
+    await survivor.start()
+    try:
+        async def done() -> bool:
+            return (await store.stats()).events == distinct_events("messy")
+
+        await wait_until(done, what="all events")
+        # The batch committed to the store but not to Kafka came again: all duplicates,
+        # and it recorded no second phase change.
+        assert survivor.stats.duplicates >= 1
+        assert committed_before > 0
+        await assert_expected(store, "messy")
+        changes = [c for t in expected_tasks("messy") for c in await store.task_changes(t)]
+        assert len({c.event_id for c in changes}) == len(changes)
+        for task_id in expected_tasks("messy"):
+            phases = [c.phase for c in await store.task_changes(task_id)]
+            assert all(a != b for a, b in zip(phases, phases[1:], strict=False))
+    finally:
+        await survivor.stop()
+        await store.close()
+
+
+async def test_poison_records_go_to_the_dlq_with_their_reason(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    good = list(deliveries("small")[:40])
+    poison = [
+        (b"x", b"this is not json", "not_json"),
+        (b"y", b'{"hello": "world"}', "not_an_event"),
+        (b"z", webhook_body("p3", {"id": "Z", "status": {"updatedAt": 1}}), "invalid_event"),
+        (None, b"", "not_json"),
+    ]
+    records: list[tuple[bytes | None, bytes]] = [(task_key(d.body), d.body) for d in good[:20]]
+    records += [(k, v) for k, v, _ in poison]
+    records += [(task_key(d.body), d.body) for d in good[20:]]
+    await produce(kafka_broker.bootstrap_servers, kafka_topic, records)
+    store = SQLiteStore(tmp_path / "p.db")
+    await store.open()
+    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    await source.start()
+    try:
+        async def done() -> bool:
+            return (await store.stats()).events == len({d.doc["id"] for d in good})
+
+        await wait_until(done, what="good records")
+        assert source.stats.poison == len(poison)
+    finally:
+        await source.stop()
+        await store.close()
+    dlq = AIOKafkaConsumer(f"{kafka_topic}.dlq", bootstrap_servers=kafka_broker.bootstrap_servers,
+                           auto_offset_reset="earliest", group_id=None)
+    await dlq.start()
+    try:
+        got: list[Any] = []
+        deadline = time.monotonic() + 30
+        while len(got) < len(poison) and time.monotonic() < deadline:
+            for batch in (await dlq.getmany(timeout_ms=500)).values():
+                got.extend(batch)
+    finally:
+        await dlq.stop()
+    by_value = {r.value or b"": dict(r.headers) for r in got}
+    assert len(got) == len(poison)
+    for _, value, reason in poison:
+        headers = by_value[value]
+        assert headers["phasewatch.reason"] == reason.encode()
+        assert headers["phasewatch.topic"] == kafka_topic.encode()
+        assert headers["phasewatch.error"]
+
+
+async def test_consumer_recovers_from_a_broker_restart(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    if not kafka_broker.can_restart:
+        pytest.fail("this test needs the restartable local broker (PHASEWATCH_TEST_KAFKA_BACKEND=local)")
+    stream = [(task_key(d.body), d.body) for d in deliveries("messy")]
+    half = len(stream) // 2
+    await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[:half])
+    store = SQLiteStore(tmp_path / "r.db")
+    await store.open()
+    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200),
+                         retry_backoff_s=0.2)
+    await source.start()
+    try:
+        async def some() -> bool:
+            return (await store.stats()).events > 0
+
+        await wait_until(some, what="first events")
+        await asyncio.to_thread(kafka_broker.restart)  # the broker goes away mid-consumption
+        await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[half:])
+
+        async def done() -> bool:
+            return (await store.stats()).events == distinct_events("messy")
+
+        await wait_until(done, timeout=120, what="catch-up after restart")
+        await assert_expected(store, "messy")
+    finally:
+        await source.stop()
+        await store.close()
