@@ -82,9 +82,9 @@ def build_app(
 ) -> web.Application:
     # client_max_size makes aiohttp refuse larger bodies while reading (413) instead of
     # buffering them; Content-Length is checked before reading anything.
-    app = web.Application(
-        client_max_size=config.max_body_bytes, middlewares=[_errors, _auth(config.api_token)]
-    )
+    # The auth middleware only exists when a token is configured: nothing per request else.
+    middlewares = [_errors] if config.api_token is None else [_errors, _auth(config.api_token)]
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
     app[STORE_KEY] = store
     app[SINK_KEY] = sink
     app[CONFIG_KEY] = config
@@ -118,12 +118,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(500, "internal_error", "internal error; see the service log")
 
 
-def _auth(token: str | None) -> Middleware:
-    expected = f"Bearer {token}".encode() if token else None
+def _auth(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if expected is not None and request.path.startswith("/tasks"):
+        if request.path.startswith("/tasks"):
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
                 return error(401, "unauthorized", "read API requires Authorization: Bearer <token>")

@@ -19,14 +19,14 @@ from consumer.store import Store
 pytest_plugins = ["tests.kafka_fixtures"]
 
 # The machines are small and shared with a broker: judge properties, not speed.
-settings.register_profile(
-    "phasewatch", deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+settings.register_profile("phasewatch", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("phasewatch")
 
 
 @pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store]:
+async def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Store]:
     """Every backend, opened; one behaviour suite runs against each."""
     backend: Store
     if request.param == "memory":

@@ -76,8 +76,9 @@ def webhook_body(
             "createdAt": created,
             "timestamp": timestamp if timestamp is not None else created,
             "event": event,
-            "payload": {"task": {"id": snapshot["id"], "type": snapshot.get("type"),
-                                  "snapshot": snapshot}},
+            "payload": {
+                "task": {"id": snapshot["id"], "type": snapshot.get("type"), "snapshot": snapshot}
+            },
         }
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -15,29 +15,17 @@ from aiohttp.test_utils import TestClient
 from consumer.dispatch import NamedHandler, PhaseChange
 from consumer.memory_store import MemoryStore
 from consumer.secrets import MARKER, redact
-from consumer.service import Service
-from consumer.settings import Settings
 from consumer.signature import sign
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import Store
-from tests.support import FIXTURE_SECRET, Delivery, deliveries, expected_changes, expected_tasks, snapshot, webhook_body
-
-PATH = "/webhooks/livepeer"
-MakeClient = Callable[..., Awaitable[tuple[TestClient[Any, Any], Service]]]
-
-
-@pytest.fixture
-def make_client(aiohttp_client: Any, tmp_path: Any) -> MakeClient:
-    async def make(
-        *, store: Store | None = None, handlers: list[NamedHandler] | None = None, **env: Any
-    ) -> tuple[TestClient[Any, Any], Service]:
-        config = {"webhook_secret": FIXTURE_SECRET.decode(), "webhook_tolerance_s": 0, **env}
-        settings = Settings(**config)
-        service = Service(settings, store or SQLiteStore(tmp_path / "pw.db"), handlers or [])
-        client = await aiohttp_client(service.app)
-        return client, service
-
-    return make
+from tests.http.conftest import PATH, MakeClient
+from tests.support import (
+    FIXTURE_SECRET,
+    Delivery,
+    deliveries,
+    expected_changes,
+    expected_tasks,
+    snapshot,
+    webhook_body,
+)
 
 
 async def post(client: TestClient[Any, Any], d: Delivery) -> int:
@@ -47,7 +35,9 @@ async def post(client: TestClient[Any, Any], d: Delivery) -> int:
 
 
 def signed(body: bytes, secret: bytes = FIXTURE_SECRET, t: int | None = None) -> dict[str, str]:
-    return {"Livepeer-Signature": sign(secret, body, t if t is not None else int(time.time() * 1000))}
+    return {
+        "Livepeer-Signature": sign(secret, body, t if t is not None else int(time.time() * 1000))
+    }
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
@@ -58,7 +48,9 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None
 
 
 @pytest.mark.parametrize("fixture", ["small", "messy"])
-async def test_fixture_through_http_gives_expected_tasks(make_client: MakeClient, fixture: str) -> None:
+async def test_fixture_through_http_gives_expected_tasks(
+    make_client: MakeClient, fixture: str
+) -> None:
     client, _ = await make_client()
     stream = deliveries(fixture)
     limit = asyncio.Semaphore(32)
@@ -108,8 +100,15 @@ async def test_duplicate_is_acknowledged_again(make_client: MakeClient) -> None:
 
 async def test_non_task_events_are_acknowledged_and_kept(make_client: MakeClient) -> None:
     client, service = await make_client()
-    body = orjson.dumps({"id": "as-1", "createdAt": 1, "timestamp": 2, "event": "asset.ready",
-                         "payload": {"asset": {"id": "A", "snapshot": {"id": "A"}}}})
+    body = orjson.dumps(
+        {
+            "id": "as-1",
+            "createdAt": 1,
+            "timestamp": 2,
+            "event": "asset.ready",
+            "payload": {"asset": {"id": "A", "snapshot": {"id": "A"}}},
+        }
+    )
     response = await client.post(PATH, data=body, headers=signed(body))
     assert response.status == 200
     stats = await service.store.stats()
@@ -121,13 +120,50 @@ BAD_INPUT = [
     ("not json", b"{nope", "sign", 400, "not_json"),
     ("json array", b"[1,2,3]", "sign", 400, "not_json"),
     ("not an envelope", b'{"hello":"world"}', "sign", 400, "not_an_event"),
-    ("no phase", webhook_body("x1", {"id": "T", "status": {"updatedAt": 1}}), "sign", 422, "invalid_event"),
-    ("text updatedAt", webhook_body("x2", {"id": "T", "status": {"phase": "running", "updatedAt": "soon"}}, created_at=1),
-     "sign", 422, "invalid_event"),
-    ("missing signature", webhook_body("x3", snapshot("T", "running", 1)), "none", 401, "bad_signature"),
-    ("malformed signature", webhook_body("x4", snapshot("T", "running", 1)), "garbage", 401, "bad_signature"),
-    ("wrong secret", webhook_body("x5", snapshot("T", "running", 1)), "wrong", 401, "bad_signature"),
-    ("stale timestamp", webhook_body("x6", snapshot("T", "running", 1)), "stale", 401, "bad_signature"),
+    (
+        "no phase",
+        webhook_body("x1", {"id": "T", "status": {"updatedAt": 1}}),
+        "sign",
+        422,
+        "invalid_event",
+    ),
+    (
+        "text updatedAt",
+        webhook_body(
+            "x2", {"id": "T", "status": {"phase": "running", "updatedAt": "soon"}}, created_at=1
+        ),
+        "sign",
+        422,
+        "invalid_event",
+    ),
+    (
+        "missing signature",
+        webhook_body("x3", snapshot("T", "running", 1)),
+        "none",
+        401,
+        "bad_signature",
+    ),
+    (
+        "malformed signature",
+        webhook_body("x4", snapshot("T", "running", 1)),
+        "garbage",
+        401,
+        "bad_signature",
+    ),
+    (
+        "wrong secret",
+        webhook_body("x5", snapshot("T", "running", 1)),
+        "wrong",
+        401,
+        "bad_signature",
+    ),
+    (
+        "stale timestamp",
+        webhook_body("x6", snapshot("T", "running", 1)),
+        "stale",
+        401,
+        "bad_signature",
+    ),
 ]
 
 
@@ -142,7 +178,9 @@ def headers_for(kind: str, body: bytes) -> dict[str, str]:
     }[kind]
 
 
-@pytest.mark.parametrize(("name", "body", "how", "status", "code"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+@pytest.mark.parametrize(
+    ("name", "body", "how", "status", "code"), BAD_INPUT, ids=[c[0] for c in BAD_INPUT]
+)
 async def test_bad_input_gets_a_clear_4xx(
     make_client: MakeClient, name: str, body: bytes, how: str, status: int, code: str
 ) -> None:
@@ -163,14 +201,16 @@ async def test_oversized_body_is_413(make_client: MakeClient) -> None:
 
     async def chunks() -> Any:  # no Content-Length: the limit applies while reading
         for i in range(0, len(body), 256):
-            yield body[i:i + 256]
+            yield body[i : i + 256]
 
     response = await client.post(PATH, data=chunks(), headers=signed(body))
     assert response.status == 413
     assert (await service.store.stats()).events == 0
 
 
-async def test_barrage_of_bad_input_leaves_service_healthy_and_data_intact(make_client: MakeClient) -> None:
+async def test_barrage_of_bad_input_leaves_service_healthy_and_data_intact(
+    make_client: MakeClient,
+) -> None:
     client, _ = await make_client(webhook_tolerance_s=300, webhook_max_body_bytes=4096)
     good = list(deliveries("small")[:60])
     bad: list[tuple[bytes, dict[str, str]]] = []
@@ -192,7 +232,7 @@ async def test_barrage_of_bad_input_leaves_service_healthy_and_data_intact(make_
 
     results = await asyncio.gather(*(send_bad(b, h) for b, h in bad), *(send_good(d) for d in good))
     assert all(400 <= s < 500 for s in results[: len(bad)])
-    assert set(results[len(bad):]) == {200}
+    assert set(results[len(bad) :]) == {200}
     assert (await client.get("/healthz")).status == 200
     ready = await (await client.get("/readyz")).json()
     assert ready["events"] == len({d.doc["id"] for d in good})
@@ -249,8 +289,15 @@ async def test_handlers_receive_no_credentials(make_client: MakeClient) -> None:
         got.append(change)
 
     client, _ = await make_client(handlers=[NamedHandler("grab", grab)])
-    snap = snapshot("S", "waiting", 5, params={"transcode-file": {"storage": {"url": "s3+https://AK:SK@h/b"}},
-                                               "upload": {"encryption": {"encryptedKey": "SECRETKEY"}}})
+    snap = snapshot(
+        "S",
+        "waiting",
+        5,
+        params={
+            "transcode-file": {"storage": {"url": "s3+https://AK:SK@h/b"}},
+            "upload": {"encryption": {"encryptedKey": "SECRETKEY"}},
+        },
+    )
     body = webhook_body("s1", snap)
     assert (await client.post(PATH, data=body, headers=signed(body))).status == 200
     await wait_until(lambda: len(got) == 1)

@@ -4,6 +4,7 @@ crashes, rebalances and broker outages, poison to the DLQ, webhook forwarding.""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import Callable
@@ -14,9 +15,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumer.codec import decode
 from consumer.kafka import KafkaSource
-from consumer.secrets import redact
 from consumer.settings import Settings
 from consumer.sqlite_store import SQLiteStore
 from consumer.store import Store
@@ -32,8 +31,9 @@ def task_key(body: bytes) -> bytes:
 
 
 async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                                linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value=v, key=k) for k, v in records]
@@ -43,8 +43,12 @@ async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, 
 
 
 def kafka_settings(broker: KafkaBroker, topic: str, **extra: Any) -> Settings:
-    return Settings(kafka_bootstrap_servers=broker.bootstrap_servers, kafka_topics=topic,
-                    kafka_group_id=f"g-{uuid.uuid4().hex[:8]}", **extra)
+    return Settings(
+        kafka_bootstrap_servers=broker.bootstrap_servers,
+        kafka_topics=topic,
+        kafka_group_id=f"g-{uuid.uuid4().hex[:8]}",
+        **extra,
+    )
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> None:
@@ -69,13 +73,17 @@ def distinct_events(fixture: str) -> int:
 async def test_fixture_stream_on_a_topic_folds_to_expected(
     kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path, fixture: str
 ) -> None:
-    await produce(kafka_broker.bootstrap_servers, kafka_topic,
-                  [(task_key(d.body), d.body) for d in deliveries(fixture)])
+    await produce(
+        kafka_broker.bootstrap_servers,
+        kafka_topic,
+        [(task_key(d.body), d.body) for d in deliveries(fixture)],
+    )
     store = SQLiteStore(tmp_path / "k.db")
     await store.open()
     source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
+
         async def done() -> bool:
             return (await store.stats()).events == distinct_events(fixture)
 
@@ -83,8 +91,9 @@ async def test_fixture_stream_on_a_topic_folds_to_expected(
         await assert_expected(store, fixture)
         assert source.stats.poison == 0
         # Lag is measured per partition and reaches zero once caught up.
-        await wait_until(lambda: _true(source.stats.lag and sum(source.stats.lag.values()) == 0),
-                         what="lag 0")
+        await wait_until(
+            lambda: _true(source.stats.lag and sum(source.stats.lag.values()) == 0), what="lag 0"
+        )
     finally:
         await source.stop()
         await store.close()
@@ -97,17 +106,28 @@ async def _true(value: Any) -> bool:
 async def test_all_three_formats_on_one_topic(
     kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
 ) -> None:
-    bus = orjson.dumps({"type": "webhook_event", "id": "bus-1", "timestamp": 20,
-                        "event": "task.updated", "userId": "u", "projectId": "p",
-                        "payload": {"task": {"id": "T", "snapshot": snapshot("T", "running", 20)}}})
+    bus = orjson.dumps(
+        {
+            "type": "webhook_event",
+            "id": "bus-1",
+            "timestamp": 20,
+            "event": "task.updated",
+            "userId": "u",
+            "projectId": "p",
+            "payload": {"task": {"id": "T", "snapshot": snapshot("T", "running", 20)}},
+        }
+    )
     bare = orjson.dumps(snapshot("T", "completed", 30))
     hook = webhook_body("wh-1", snapshot("T", "pending", 10), event="task.spawned")
-    await produce(kafka_broker.bootstrap_servers, kafka_topic, [(b"T", hook), (b"T", bus), (b"T", bare)])
+    await produce(
+        kafka_broker.bootstrap_servers, kafka_topic, [(b"T", hook), (b"T", bus), (b"T", bare)]
+    )
     store = SQLiteStore(tmp_path / "f.db")
     await store.open()
     source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
+
         async def three() -> bool:
             return (await store.stats()).events == 3
 
@@ -115,7 +135,10 @@ async def test_all_three_formats_on_one_topic(
         stored = await store.get_task("T")
         assert stored is not None and stored.phase == "completed"
         assert [(c.previous_phase, c.phase) for c in await store.task_changes("T")] == [
-            (None, "pending"), ("pending", "running"), ("running", "completed")]
+            (None, "pending"),
+            ("pending", "running"),
+            ("running", "completed"),
+        ]
     finally:
         await source.stop()
         await store.close()
@@ -128,8 +151,11 @@ class Crash(BaseException):
 async def test_crash_between_store_commit_and_offset_commit(
     kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
 ) -> None:
-    await produce(kafka_broker.bootstrap_servers, kafka_topic,
-                  [(task_key(d.body), d.body) for d in deliveries("messy")])
+    await produce(
+        kafka_broker.bootstrap_servers,
+        kafka_topic,
+        [(task_key(d.body), d.body) for d in deliveries("messy")],
+    )
     settings = kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=300)
     store = SQLiteStore(tmp_path / "c.db")
     await store.open()
@@ -162,6 +188,7 @@ async def test_crash_between_store_commit_and_offset_commit(
     survivor = KafkaSource(store, settings)
     await survivor.start()
     try:
+
         async def done() -> bool:
             return (await store.stats()).events == distinct_events("messy")
 
@@ -175,7 +202,7 @@ async def test_crash_between_store_commit_and_offset_commit(
         assert len({c.event_id for c in changes}) == len(changes)
         for task_id in expected_tasks("messy"):
             phases = [c.phase for c in await store.task_changes(task_id)]
-            assert all(a != b for a, b in zip(phases, phases[1:], strict=False))
+            assert all(a != b for a, b in itertools.pairwise(phases))
     finally:
         await survivor.stop()
         await store.close()
@@ -200,6 +227,7 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
     source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
+
         async def done() -> bool:
             return (await store.stats()).events == len({d.doc["id"] for d in good})
 
@@ -208,8 +236,12 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
     finally:
         await source.stop()
         await store.close()
-    dlq = AIOKafkaConsumer(f"{kafka_topic}.dlq", bootstrap_servers=kafka_broker.bootstrap_servers,
-                           auto_offset_reset="earliest", group_id=None)
+    dlq = AIOKafkaConsumer(
+        f"{kafka_topic}.dlq",
+        bootstrap_servers=kafka_broker.bootstrap_servers,
+        auto_offset_reset="earliest",
+        group_id=None,
+    )
     await dlq.start()
     try:
         got: list[Any] = []
@@ -232,16 +264,20 @@ async def test_consumer_recovers_from_a_broker_restart(
     kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
 ) -> None:
     if not kafka_broker.can_restart:
-        pytest.fail("this test needs the restartable local broker (PHASEWATCH_TEST_KAFKA_BACKEND=local)")
+        pytest.fail(
+            "this test needs the restartable local broker (PHASEWATCH_TEST_KAFKA_BACKEND=local)"
+        )
     stream = [(task_key(d.body), d.body) for d in deliveries("messy")]
     half = len(stream) // 2
     await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[:half])
     store = SQLiteStore(tmp_path / "r.db")
     await store.open()
-    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200),
-                         retry_backoff_s=0.2)
+    source = KafkaSource(
+        store, kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200), retry_backoff_s=0.2
+    )
     await source.start()
     try:
+
         async def some() -> bool:
             return (await store.stats()).events > 0
 

@@ -5,6 +5,7 @@ each phase change once. Then forward mode: signed webhooks in, through the broke
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from pathlib import Path
@@ -52,8 +53,12 @@ async def test_member_leaves_mid_stream_other_takes_over(
     }
     # Both consume into one store; the survivor also runs the handler.
     leaver = ServiceProcess(db, **env).start()
-    survivor = ServiceProcess(db, **env, PHASEWATCH_HANDLERS="tests.process.recording_handler:record",
-                              PHASEWATCH_TEST_RECORD=str(record)).start()
+    survivor = ServiceProcess(
+        db,
+        **env,
+        PHASEWATCH_HANDLERS="tests.process.recording_handler:record",
+        PHASEWATCH_TEST_RECORD=str(record),
+    ).start()
     stream = [(task_key(d.body), d.body) for d in deliveries("messy")]
     try:
         # Both members hold partitions before the stream starts.
@@ -61,7 +66,7 @@ async def test_member_leaves_mid_stream_other_takes_over(
             await wait_ready(member.url, lambda s: len(s["kafka"]["assigned"]) > 0)
         chunk = len(stream) // 8
         for i in range(0, len(stream), chunk):
-            await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[i:i + chunk])
+            await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[i : i + chunk])
             if i == 3 * chunk:
                 await wait_ready(leaver.url, lambda s: s["kafka"]["records"] > 0)
                 if how == "sigterm":
@@ -69,17 +74,21 @@ async def test_member_leaves_mid_stream_other_takes_over(
                 else:
                     leaver.kill()
         distinct = len({orjson.loads(v)["id"] for _, v in stream})
-        await wait_ready(survivor.url, lambda s: s["events"] == distinct and s["pendingChanges"] == 0)
+        await wait_ready(
+            survivor.url, lambda s: s["events"] == distinct and s["pendingChanges"] == 0
+        )
         for task_id, task in expected_tasks("messy").items():
             assert await fetch(f"{survivor.url}/tasks/{task_id}") == redact(task)
         seen = [orjson.loads(x) for x in record.read_bytes().splitlines()]
-        histories = [await fetch(f"{survivor.url}/tasks/{t}/history") for t in expected_tasks("messy")]
+        histories = [
+            await fetch(f"{survivor.url}/tasks/{t}/history") for t in expected_tasks("messy")
+        ]
         recorded = [c["seq"] for h in histories for c in h["phaseChanges"]]
         # Redelivered records recorded no second change, and the handler saw each once.
         assert sorted(x[0] for x in seen) == sorted(recorded)
         for h in histories:
             phases = [c["phase"] for c in h["phaseChanges"]]
-            assert all(a != b for a, b in zip(phases, phases[1:], strict=False))
+            assert all(a != b for a, b in itertools.pairwise(phases))
     finally:
         if leaver.proc is not None and leaver.proc.poll() is None:
             leaver.stop()
@@ -104,18 +113,25 @@ async def test_forward_mode_webhooks_through_the_broker(
     try:
         stream = list(deliveries("small"))
         async with aiohttp.ClientSession() as session:
+
             async def send(i: int, d: Any) -> int:
                 url = (a if i % 2 else b).url
-                async with session.post(f"{url}/webhooks/livepeer", data=d.body,
-                                        headers={"Livepeer-Signature": d.signature}) as r:
+                async with session.post(
+                    f"{url}/webhooks/livepeer",
+                    data=d.body,
+                    headers={"Livepeer-Signature": d.signature},
+                ) as r:
                     body = await r.json()
                     assert body["status"] == "forwarded"
                     return r.status
 
             statuses = await asyncio.gather(*(send(i, d) for i, d in enumerate(stream)))
             assert set(statuses) == {200}
-            bad = await session.post(f"{a.url}/webhooks/livepeer", data=b"{}",
-                                     headers={"Livepeer-Signature": "t=1,v1=00"})
+            bad = await session.post(
+                f"{a.url}/webhooks/livepeer",
+                data=b"{}",
+                headers={"Livepeer-Signature": "t=1,v1=00"},
+            )
             assert bad.status == 401  # verified before anything is forwarded
         distinct = len({d.doc["id"] for d in stream})
         await wait_ready(a.url, lambda s: s["events"] == distinct)

@@ -14,4 +14,6 @@ _PATH = os.environ.get("PHASEWATCH_TEST_RECORD", "")
 
 async def record(change: PhaseChange) -> None:
     with open(_PATH, "ab") as f:
-        f.write(orjson.dumps([change.seq, change.task_id, change.previous_phase, change.phase]) + b"\n")
+        f.write(
+            orjson.dumps([change.seq, change.task_id, change.previous_phase, change.phase]) + b"\n"
+        )

@@ -41,7 +41,10 @@ class ServiceProcess:
     def start(self, timeout: float = 30) -> ServiceProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [PHASEWATCH, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                [PHASEWATCH, "serve"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
         deadline = time.monotonic() + timeout

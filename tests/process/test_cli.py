@@ -17,14 +17,27 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PHASEWATCH, *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, cwd=REPO, check=False)
+    return subprocess.run(
+        [PHASEWATCH, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        check=False,
+    )
 
 
 def test_help_documents_configuration() -> None:
     out = run("serve", "--help").stdout
-    for name in ("PHASEWATCH_DATABASE_URL", "PHASEWATCH_WEBHOOK_SECRET", "PHASEWATCH_HANDLERS",
-                 "PHASEWATCH_WEBHOOK_TOLERANCE_S", "PHASEWATCH_API_TOKEN", "PHASEWATCH_HTTP_PORT"):
+    for name in (
+        "PHASEWATCH_DATABASE_URL",
+        "PHASEWATCH_WEBHOOK_SECRET",
+        "PHASEWATCH_HANDLERS",
+        "PHASEWATCH_WEBHOOK_TOLERANCE_S",
+        "PHASEWATCH_API_TOKEN",
+        "PHASEWATCH_HTTP_PORT",
+    ):
         assert name in out
 
 
@@ -35,11 +48,16 @@ def test_bad_configuration_is_a_clear_error() -> None:
 
 def test_send_then_query_the_store(tmp_path: Path) -> None:
     db = tmp_path / "cli.db"
-    service = ServiceProcess(db, PHASEWATCH_WEBHOOK_SECRET="whsec_fixture",
-                             PHASEWATCH_WEBHOOK_TOLERANCE_S="0").start()
+    service = ServiceProcess(
+        db, PHASEWATCH_WEBHOOK_SECRET="whsec_fixture", PHASEWATCH_WEBHOOK_TOLERANCE_S="0"
+    ).start()
     try:
-        sent = run("send", str(FIXTURES / "small" / "deliveries.jsonl"),
-                   "--url", f"{service.url}/webhooks/livepeer")
+        sent = run(
+            "send",
+            str(FIXTURES / "small" / "deliveries.jsonl"),
+            "--url",
+            f"{service.url}/webhooks/livepeer",
+        )
         assert sent.returncode == 0, sent.stderr
         assert "200: 289" in sent.stdout
     finally:
@@ -53,7 +71,9 @@ def test_send_then_query_the_store(tmp_path: Path) -> None:
     listed = run("tasks", "list", "--phase", "failed", "--json", env=env)
     failed = {orjson.loads(line)["id"] for line in listed.stdout.splitlines()}
     assert failed == {k for k, v in expected.items() if v["status"]["phase"] == "failed"}
-    assert len(run("tasks", "list", "--limit", "1000", env=env).stdout.splitlines()) == len(expected)
+    assert len(run("tasks", "list", "--limit", "1000", env=env).stdout.splitlines()) == len(
+        expected
+    )
 
 
 def test_send_resign_against_a_fresh_window(tmp_path: Path) -> None:
@@ -62,8 +82,15 @@ def test_send_resign_against_a_fresh_window(tmp_path: Path) -> None:
         url = f"{service.url}/webhooks/livepeer"
         stale = run("send", str(FIXTURES / "small" / "deliveries.jsonl"), "--url", url)
         assert stale.returncode == 1 and "401" in stale.stdout
-        fresh = run("send", str(FIXTURES / "small" / "deliveries.jsonl"), "--url", url,
-                    "--resign", "other", "--in-order")
+        fresh = run(
+            "send",
+            str(FIXTURES / "small" / "deliveries.jsonl"),
+            "--url",
+            url,
+            "--resign",
+            "other",
+            "--in-order",
+        )
         assert fresh.returncode == 0 and "200: 289" in fresh.stdout
     finally:
         service.stop()

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow
 ENV = {"PHASEWATCH_WEBHOOK_SECRET": "whsec_fixture", "PHASEWATCH_WEBHOOK_TOLERANCE_S": "0"}
 
 
-async def send_all(url: str, stream: list[Delivery], *, stop_after: int | None = None,
-                   concurrency: int = 16) -> set[int]:
+async def send_all(
+    url: str, stream: list[Delivery], *, stop_after: int | None = None, concurrency: int = 16
+) -> set[int]:
     """POST deliveries; return the indexes that got a 2xx. Errors are expected mid-crash."""
     acked: set[int] = set()
     queue = list(enumerate(stream))
@@ -30,12 +31,15 @@ async def send_all(url: str, stream: list[Delivery], *, stop_after: int | None =
         while queue:
             index, d = queue.pop(0)
             try:
-                async with session.post(f"{url}/webhooks/livepeer", data=d.body,
-                                        headers={"Livepeer-Signature": d.signature}) as r:
+                async with session.post(
+                    f"{url}/webhooks/livepeer",
+                    data=d.body,
+                    headers={"Livepeer-Signature": d.signature},
+                ) as r:
                     await r.read()
                     if 200 <= r.status < 300:
                         acked.add(index)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
 
     timeout = aiohttp.ClientTimeout(total=10)
@@ -85,8 +89,11 @@ async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path) -> 
 
 async def test_changes_reach_handlers_after_a_crash(tmp_path: Path) -> None:
     record = tmp_path / "changes.jsonl"
-    env = {**ENV, "PHASEWATCH_HANDLERS": "tests.process.recording_handler:record",
-           "PHASEWATCH_TEST_RECORD": str(record)}
+    env = {
+        **ENV,
+        "PHASEWATCH_HANDLERS": "tests.process.recording_handler:record",
+        "PHASEWATCH_TEST_RECORD": str(record),
+    }
     stream = sorted(deliveries("small"), key=Delivery.order_key)
     db = tmp_path / "h.db"
     service = ServiceProcess(db, **env).start()
@@ -101,7 +108,9 @@ async def test_changes_reach_handlers_after_a_crash(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.05)
         delivered = {orjson.loads(x)[0] for x in record.read_bytes().splitlines()}
-        histories = [await fetch(service.url, f"/tasks/{t}/history") for t in expected_tasks("small")]
+        histories = [
+            await fetch(service.url, f"/tasks/{t}/history") for t in expected_tasks("small")
+        ]
         recorded = {c["seq"] for h in histories for c in h["phaseChanges"]}
         # At least once: every recorded change reached the handler, none lost to the kill.
         assert delivered == recorded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import orjson
 import pytest
 
@@ -18,10 +20,14 @@ def ev(event_id: str, task_id: str, phase: str, t: int, **fields: object) -> byt
 async def test_ingest_folds_and_records_changes(store: Store) -> None:
     result = await store.ingest(
         [decode(ev("e1", "T", "pending", 1)), decode(ev("e2", "T", "waiting", 2, scheduledAt=2))],
-        "webhook", 1000,
+        "webhook",
+        1000,
     )
     assert result.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
-    assert [(c.previous_phase, c.phase) for c in result.changes] == [(None, "pending"), ("pending", "waiting")]
+    assert [(c.previous_phase, c.phase) for c in result.changes] == [
+        (None, "pending"),
+        ("pending", "waiting"),
+    ]
     assert result.changes[0].seq < result.changes[1].seq
     stored = await store.get_task("T")
     assert stored is not None and stored.phase == "waiting" and stored.task["scheduledAt"] == 2
@@ -49,7 +55,9 @@ async def test_older_event_is_kept_in_history_but_changes_nothing(store: Store) 
 
 
 async def test_version_bumps_only_on_change(store: Store) -> None:
-    await store.ingest([decode(ev("a", "T", "running", 1, status_extra={"progress": 0.25}))], "w", 1)
+    await store.ingest(
+        [decode(ev("a", "T", "running", 1, status_extra={"progress": 0.25}))], "w", 1
+    )
     v1 = (await store.get_task("T")).version  # type: ignore[union-attr]
     await store.ingest([decode(ev("b", "T", "running", 2, status_extra={"progress": 0.5}))], "w", 2)
     v2 = (await store.get_task("T")).version  # type: ignore[union-attr]
@@ -59,7 +67,9 @@ async def test_version_bumps_only_on_change(store: Store) -> None:
 
 
 async def test_non_task_events_are_kept_and_touch_no_task(store: Store) -> None:
-    raw = orjson.dumps({"id": "a1", "createdAt": 1, "event": "asset.ready", "payload": {"asset": {}}})
+    raw = orjson.dumps(
+        {"id": "a1", "createdAt": 1, "event": "asset.ready", "payload": {"asset": {}}}
+    )
     result = await store.ingest([decode(raw)], "webhook", 1)
     assert result.outcomes == [Outcome.ACCEPTED]
     stats = await store.stats()
@@ -67,7 +77,9 @@ async def test_non_task_events_are_kept_and_touch_no_task(store: Store) -> None:
 
 
 async def test_outbox_pending_until_dispatched(store: Store) -> None:
-    await store.ingest([decode(ev("e1", "A", "pending", 1)), decode(ev("e2", "B", "pending", 1))], "w", 1)
+    await store.ingest(
+        [decode(ev("e1", "A", "pending", 1)), decode(ev("e2", "B", "pending", 1))], "w", 1
+    )
     pending = await store.pending_changes()
     assert [c.task_id for c in pending] == ["A", "B"]
     await store.mark_dispatched([pending[0].seq])
@@ -80,8 +92,17 @@ async def test_list_filters_and_paginates(store: Store) -> None:
     events = []
     for i in range(25):
         phase = "completed" if i % 2 else "running"
-        events.append(decode(webhook_body(f"e{i}", {**snapshot(f"T{i:02d}", phase, 100 + i),
-                                                     "type": "clip" if i % 3 == 0 else "upload"})))
+        events.append(
+            decode(
+                webhook_body(
+                    f"e{i}",
+                    {
+                        **snapshot(f"T{i:02d}", phase, 100 + i),
+                        "type": "clip" if i % 3 == 0 else "upload",
+                    },
+                )
+            )
+        )
     await store.ingest(events, "w", 1)
     seen: list[str] = []
     cursor: Cursor | None = None
@@ -105,7 +126,7 @@ async def test_list_filters_and_paginates(store: Store) -> None:
 async def test_fixture_batches_fold_to_expected(store: Store, fixture: str) -> None:
     events = [decode(d.body) for d in deliveries(fixture)]
     for start in range(0, len(events), 97):
-        await store.ingest(events[start:start + 97], "webhook", start)
+        await store.ingest(events[start : start + 97], "webhook", start)
     expected = expected_tasks(fixture)
     for task_id, task in expected.items():
         stored = await store.get_task(task_id)
@@ -121,7 +142,7 @@ async def test_sqlite_batch_is_all_or_nothing(tmp_path: pytest.TempPathFactory) 
         bad = decode(ev("bad", "U", "pending", 1))
         # A value SQLite cannot bind makes the whole batch fail, and nothing of it lands.
         object.__setattr__(bad, "raw", object())
-        with pytest.raises(Exception):
+        with pytest.raises(sqlite3.Error):
             await store.ingest([good, bad], "w", 1)
         assert await store.get_task("T") is None
         assert (await store.stats()).events == 0

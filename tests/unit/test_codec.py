@@ -26,13 +26,24 @@ def test_webhook_body() -> None:
 def test_bus_webhook_event() -> None:
     snap = snapshot("T1", "running", 20)
     raw = orjson.dumps(
-        {"type": "webhook_event", "id": "bus-1", "timestamp": 19, "event": "task.updated",
-         "userId": "u", "projectId": "p", "payload": {"task": {"id": "T1", "type": "upload",
-                                                               "snapshot": snap}}}
+        {
+            "type": "webhook_event",
+            "id": "bus-1",
+            "timestamp": 19,
+            "event": "task.updated",
+            "userId": "u",
+            "projectId": "p",
+            "payload": {"task": {"id": "T1", "type": "upload", "snapshot": snap}},
+        }
     )
     event = decode(raw)
     assert event.format is EventFormat.BUS
-    assert (event.id, event.task_id, event.created_at, event.phase) == ("bus-1", "T1", 19, "running")
+    assert (event.id, event.task_id, event.created_at, event.phase) == (
+        "bus-1",
+        "T1",
+        19,
+        "running",
+    )
 
 
 def test_bare_task_gets_a_content_derived_id() -> None:
@@ -48,8 +59,15 @@ def test_bare_task_gets_a_content_derived_id() -> None:
 
 
 def test_non_task_events_are_accepted_without_a_task() -> None:
-    raw = orjson.dumps({"id": "e1", "createdAt": 5, "timestamp": 6, "event": "asset.ready",
-                        "payload": {"asset": {"id": "A", "snapshot": {}}}})
+    raw = orjson.dumps(
+        {
+            "id": "e1",
+            "createdAt": 5,
+            "timestamp": 6,
+            "event": "asset.ready",
+            "payload": {"asset": {"id": "A", "snapshot": {}}},
+        }
+    )
     event = decode(raw)
     assert event.task_id is None and event.snapshot is None and event.kind == "asset.ready"
 
@@ -57,13 +75,19 @@ def test_non_task_events_are_accepted_without_a_task() -> None:
 def test_snapshot_without_id_takes_the_envelope_task_id() -> None:
     snap = snapshot("T9", "waiting", 3)
     del snap["id"]
-    raw = orjson.dumps({"id": "e", "createdAt": 1, "event": "task.updated",
-                        "payload": {"task": {"id": "T9", "snapshot": snap}}})
+    raw = orjson.dumps(
+        {
+            "id": "e",
+            "createdAt": 1,
+            "event": "task.updated",
+            "payload": {"task": {"id": "T9", "snapshot": snap}},
+        }
+    )
     event = decode(raw)
     assert event.task_id == "T9" and event.snapshot is not None and event.snapshot["id"] == "T9"
 
 
-@pytest.mark.parametrize("raw", [b"", b"not json", b"{\"a\":", b"\xff\xfe", b"[1,2]", b"42", b"null"])
+@pytest.mark.parametrize("raw", [b"", b"not json", b'{"a":', b"\xff\xfe", b"[1,2]", b"42", b"null"])
 def test_not_json(raw: bytes) -> None:
     with pytest.raises(NotJSON) as info:
         decode(raw)
@@ -81,21 +105,58 @@ def test_not_an_event(doc: object) -> None:
     ("doc", "says"),
     [
         ({"event": "task.updated", "payload": {}, "createdAt": 1, "id": "e"}, "payload.task"),
-        ({"event": "task.updated", "payload": {"task": {"id": "T"}}, "createdAt": 1, "id": "e"},
-         "snapshot"),
-        ({"event": "task.updated", "createdAt": 1, "payload": {"task": {"snapshot": snapshot("T", "x", 1)}}},
-         "'id'"),
-        ({"event": "task.updated", "id": "e", "createdAt": "now",
-          "payload": {"task": {"snapshot": snapshot("T", "x", 1)}}}, "createdAt"),
-        ({"event": "task.updated", "id": "e", "createdAt": 1,
-          "payload": {"task": {"id": "OTHER", "snapshot": snapshot("T", "x", 1)}}}, "differs"),
-        ({"event": "task.updated", "id": "e", "createdAt": 1,
-          "payload": {"task": {"snapshot": {"id": "T", "status": {"updatedAt": 1}}}}},
-         "status.phase"),
-        ({"event": "task.updated", "id": "e", "createdAt": 1,
-          "payload": {"task": {"snapshot": {"id": "T", "status": {"phase": "running",
-                                                                  "updatedAt": "1"}}}}},
-         "updatedAt"),
+        (
+            {"event": "task.updated", "payload": {"task": {"id": "T"}}, "createdAt": 1, "id": "e"},
+            "snapshot",
+        ),
+        (
+            {
+                "event": "task.updated",
+                "createdAt": 1,
+                "payload": {"task": {"snapshot": snapshot("T", "x", 1)}},
+            },
+            "'id'",
+        ),
+        (
+            {
+                "event": "task.updated",
+                "id": "e",
+                "createdAt": "now",
+                "payload": {"task": {"snapshot": snapshot("T", "x", 1)}},
+            },
+            "createdAt",
+        ),
+        (
+            {
+                "event": "task.updated",
+                "id": "e",
+                "createdAt": 1,
+                "payload": {"task": {"id": "OTHER", "snapshot": snapshot("T", "x", 1)}},
+            },
+            "differs",
+        ),
+        (
+            {
+                "event": "task.updated",
+                "id": "e",
+                "createdAt": 1,
+                "payload": {"task": {"snapshot": {"id": "T", "status": {"updatedAt": 1}}}},
+            },
+            "status.phase",
+        ),
+        (
+            {
+                "event": "task.updated",
+                "id": "e",
+                "createdAt": 1,
+                "payload": {
+                    "task": {
+                        "snapshot": {"id": "T", "status": {"phase": "running", "updatedAt": "1"}}
+                    }
+                },
+            },
+            "updatedAt",
+        ),
         ({"id": "T", "status": {"phase": "running"}}, "updatedAt"),
     ],
 )

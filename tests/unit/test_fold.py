@@ -22,8 +22,12 @@ from tests.support import deliveries, expected_changes, expected_tasks, webhook_
 def lifecycles(draw: st.DrawFn, task_id: str = "T") -> list[Event]:
     """Events of one task in emission order, following spec §4."""
     t = draw(st.integers(1_750_000_000_000, 1_760_000_000_000))
-    base: dict[str, Any] = {"id": task_id, "type": draw(st.sampled_from(["upload", "clip", "?"])),
-                            "createdAt": t, "userId": "u"}
+    base: dict[str, Any] = {
+        "id": task_id,
+        "type": draw(st.sampled_from(["upload", "clip", "?"])),
+        "createdAt": t,
+        "userId": "u",
+    }
     snaps: list[dict[str, Any]] = [{**base, "status": {"phase": "pending", "updatedAt": t}}]
     retries = 0
     scheduled: int | None = None
@@ -40,21 +44,33 @@ def lifecycles(draw: st.DrawFn, task_id: str = "T") -> list[Event]:
             retries = 0
             snap.update(scheduledAt=t, status={"phase": "waiting", "updatedAt": t, "retries": 0})
         elif step in ("advance", "progress", "partial") and phase in ("waiting", "running"):
-            snap["status"] = {"phase": "running", "updatedAt": t, "retries": retries,
-                              "progress": draw(st.sampled_from([0.25, 0.5, 0.75]))}
+            snap["status"] = {
+                "phase": "running",
+                "updatedAt": t,
+                "retries": retries,
+                "progress": draw(st.sampled_from([0.25, 0.5, 0.75])),
+            }
             if step == "partial":
                 snap["output"] = {"upload": {"videoFilePath": f"v{t}"}}
         elif step == "retry" and phase == "running" and retries < 2:
             retries += 1
-            snap["status"] = {"phase": "waiting", "updatedAt": t, "retries": retries,
-                              "errorMessage": "boom"}
+            snap["status"] = {
+                "phase": "waiting",
+                "updatedAt": t,
+                "retries": retries,
+                "errorMessage": "boom",
+            }
             snaps.append(snap)
             t += 1
             snap = dict(base)  # the second retry snapshot LACKS scheduledAt
             snap["status"] = {"phase": "waiting", "updatedAt": t, "retries": retries}
         elif step == "fail" and phase in ("waiting", "running"):
-            snap["status"] = {"phase": "failed", "updatedAt": t, "retries": retries,
-                              "errorMessage": "unretriable"}
+            snap["status"] = {
+                "phase": "failed",
+                "updatedAt": t,
+                "retries": retries,
+                "errorMessage": "unretriable",
+            }
         elif step == "done" and phase == "running":
             snap["status"] = {"phase": "completed", "updatedAt": t}
             snap["output"] = {"upload": {"videoFilePath": "final", "assetSpec": {"id": "A"}}}
@@ -68,8 +84,9 @@ def lifecycles(draw: st.DrawFn, task_id: str = "T") -> list[Event]:
         if snap["status"]["phase"] in ("completed", "failed") and draw(st.booleans()):
             # task.completed / task.failed: same snapshot, another event id.
             kind = "task.completed" if snap["status"]["phase"] == "completed" else "task.failed"
-            events.append(decode(webhook_body(f"{task_id}-e{i:02d}c", snap, event=kind,
-                                              created_at=created)))
+            events.append(
+                decode(webhook_body(f"{task_id}-e{i:02d}c", snap, event=kind, created_at=created))
+            )
     return events
 
 
@@ -82,7 +99,9 @@ def by_definition(events: list[Event]) -> dict[str, Any]:
     return task
 
 
-def fold(events: list[Event], state: TaskState | None = None) -> tuple[TaskState | None, list[tuple[str | None, str]]]:
+def fold(
+    events: list[Event], state: TaskState | None = None
+) -> tuple[TaskState | None, list[tuple[str | None, str]]]:
     transitions = []
     for event in events:
         applied = apply(state, event)
@@ -142,7 +161,9 @@ def test_applying_again_changes_nothing(case: tuple[list[Event], list[Event]]) -
 
 
 @given(deliveries_of())
-def test_an_older_event_never_moves_the_phase_or_fires(case: tuple[list[Event], list[Event]]) -> None:
+def test_an_older_event_never_moves_the_phase_or_fires(
+    case: tuple[list[Event], list[Event]],
+) -> None:
     events, _ = case
     newest = max(events, key=event_key)
     state, _ = fold([newest])

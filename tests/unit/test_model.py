@@ -32,7 +32,9 @@ def test_seed_example_round_trips_unchanged() -> None:
     # Documentation placeholders ("number") are kept, not rejected.
     assert task.status.progress == "number"
     # The doc page puts clip at the top level; it is found there.
-    assert task.clip_params is not None and task.clip_params.catalyst_pipeline_strategy == "catalyst"
+    assert (
+        task.clip_params is not None and task.clip_params.catalyst_pipeline_strategy == "catalyst"
+    )
 
 
 @pytest.mark.parametrize("fixture", ["small", "messy"])
@@ -48,7 +50,10 @@ def test_typed_access_to_nested_shapes() -> None:
     task = Task.model_validate(seed_example())
     assert task.params is not None and task.params.transcode_file is not None
     assert task.params.transcode_file.storage is not None
-    assert task.params.transcode_file.storage.url == "s3+https://accessKeyId:secretAccessKey@s3Endpoint/bucket"
+    assert (
+        task.params.transcode_file.storage.url
+        == "s3+https://accessKeyId:secretAccessKey@s3Endpoint/bucket"
+    )
     assert task.output is not None and task.output.upload is not None
     spec = task.output.upload.asset_spec
     assert spec is not None and spec.video_spec is not None and spec.video_spec.tracks is not None
@@ -94,9 +99,14 @@ def test_strict_only_where_the_event_is_unusable(doc: dict[str, Any], complaint:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=8)
     | st.floats(allow_nan=False, allow_infinity=False),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 task_like = st.fixed_dictionaries(

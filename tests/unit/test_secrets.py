@@ -29,8 +29,11 @@ def test_export_credentials() -> None:
     task = {
         "params": {
             "export": {
-                "custom": {"url": "https://user:pw@hook.example/x?y=1", "method": "POST",
-                           "headers": {"Authorization": "Bearer abc", "X-Trace": "t"}},
+                "custom": {
+                    "url": "https://user:pw@hook.example/x?y=1",
+                    "method": "POST",
+                    "headers": {"Authorization": "Bearer abc", "X-Trace": "t"},
+                },
                 "ipfs": {"pinata": {"apiKey": "k1", "apiSecret": "s1"}},
             }
         }

@@ -1,0 +1,34 @@
+"""In-process HTTP tier: the whole app (store, ingestor, dispatcher) behind aiohttp's
+test client, configured like ``phasewatch serve`` would be."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from consumer.dispatch import NamedHandler
+from consumer.service import Service
+from consumer.settings import Settings
+from consumer.sqlite_store import SQLiteStore
+from consumer.store import Store
+from tests.support import FIXTURE_SECRET
+
+PATH = "/webhooks/livepeer"
+MakeClient = Callable[..., Awaitable[tuple[TestClient[Any, Any], Service]]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, tmp_path: Any) -> MakeClient:
+    async def make(
+        *, store: Store | None = None, handlers: list[NamedHandler] | None = None, **env: Any
+    ) -> tuple[TestClient[Any, Any], Service]:
+        config = {"webhook_secret": FIXTURE_SECRET.decode(), "webhook_tolerance_s": 0, **env}
+        settings = Settings(**config)
+        service = Service(settings, store or SQLiteStore(tmp_path / "pw.db"), handlers or [])
+        client = await aiohttp_client(service.app)
+        return client, service
+
+    return make
