@@ -30,6 +30,8 @@ from typing import Any
 
 import orjson
 
+from consumer.model import is_number
+
 __all__ = [
     "DecodeError",
     "Event",
@@ -97,11 +99,6 @@ class Event:
     @property
     def phase(self) -> str | None:
         return None if self.snapshot is None else self.snapshot["status"]["phase"]
-
-
-def is_number(value: Any) -> bool:
-    """A JSON number (booleans are ints to Python, but not numbers on the wire)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def decode(raw: bytes) -> Event:

@@ -45,6 +45,7 @@ __all__ = [
     "TaskStatus",
     "TaskType",
     "TranscodeProfile",
+    "is_number",
 ]
 
 
@@ -85,6 +86,17 @@ Loose = WrapValidator(_keep_on_error)
 T = TypeVar("T")
 Opt = Annotated[T | None, Loose]
 Number = int | float
+
+
+_INT64 = 2**63
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number usable as a time: not a boolean (an int to Python), and within a
+    signed 64-bit range (orjson reads unsigned 64-bit ints; stores take signed ones)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return -_INT64 <= value < _INT64
 
 
 class _Wire(BaseModel):
@@ -354,8 +366,7 @@ class TaskStatus(_Wire):
     @field_validator("updated_at", mode="before")
     @classmethod
     def _updated_at_is_number(cls, value: Any) -> Any:
-        # JSON booleans are ints to Python; a boolean timestamp is a broken producer.
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not is_number(value):
             raise ValueError("status.updatedAt must be a number (Unix milliseconds)")
         return value
 

@@ -158,6 +158,7 @@ def test_not_an_event(doc: object) -> None:
             "updatedAt",
         ),
         ({"id": "T", "status": {"phase": "running"}}, "updatedAt"),
+        ({"id": "T", "status": {"phase": "running", "updatedAt": 2**64 - 1}}, "updatedAt"),
     ],
 )
 def test_invalid_events_say_what_is_wrong(doc: object, says: str) -> None:
