@@ -6,9 +6,11 @@ modules) may import; everything else is internal and may change.
 """
 
 from consumer.codec import DecodeError, Event, EventFormat, InvalidEvent, NotAnEvent, NotJSON
-from consumer.dispatch import Handler, PhaseChange
+from consumer.kafka import KafkaPublisher, client_options
 from consumer.model import Phase, Task, TaskType
 from consumer.secrets import redact
+from consumer.settings import Settings
+from consumer.subscription import Handler, PermanentError, PhaseChange, Subscription
 
 __all__ = [
     "DecodeError",
@@ -16,12 +18,17 @@ __all__ = [
     "EventFormat",
     "Handler",
     "InvalidEvent",
+    "KafkaPublisher",
     "NotAnEvent",
     "NotJSON",
+    "PermanentError",
     "Phase",
     "PhaseChange",
+    "Settings",
+    "Subscription",
     "Task",
     "TaskType",
+    "client_options",
     "redact",
 ]
 

@@ -1,21 +1,27 @@
-"""Hand committed phase changes to handlers, off the ingestion path (first cut).
+"""Deliver committed changes to handlers: in order per task, concurrently across tasks,
+with retries, backoff, dead letters and a record of every delivery.
 
-Changes reach the dispatcher two ways: pushed by the ingestor right after a commit (low
-latency) and read from the store's outbox at start and after every push (nothing is
-lost across a crash: a change stays pending until every handler has been given it).
+The outbox (the store's ``changes``, written in the same transaction as the state) is the
+source of truth. For each handler (a :class:`~consumer.subscription.Subscription`) a *lane*
+reads the outbox past its cursor, drops what the handler's filters do not want, and
+queues the rest per task. One worker per task delivers that task's changes one at a time,
+in ``seq`` order; at most ``concurrency`` handler calls run at once per lane.
 
-Several processes may share one store (two replicas consuming one Kafka group into one
-database): only the holder of the store's ``dispatch`` lease delivers, so a change is not
-handed out once per process. The lease outlives the handler timeout; if its holder dies,
-another process takes over when it expires (at once, if the holder was a process of
-this host that has exited: a restart does not wait out its own lease).
+Each (change, handler) ends in a delivery record written before the next change of that
+task is delivered: ``done`` when the handler returned normally, ``dead`` when it raised
+:class:`~consumer.subscription.PermanentError` or ran out of attempts or time. A change
+with a ``done`` or ``dead`` record is never delivered again, across restarts, so a
+handler that returned sees a change once; only a crash in the instant between a handler
+returning and its record committing can repeat one (at least once, never lost).
 
-Guarantees of this first cut, stated plainly: each change is given to each handler at
-least once, in commit order; a crash between a handler returning and the outbox being
-marked can repeat a change. A process without handlers never touches the outbox. A
-handler that raises or exceeds its timeout is logged and never affects ingestion or the
-other handlers. Retries with backoff, dead letters,
-per-handler delivery records and per-task concurrency are the dispatcher issue's work.
+Retries back off exponentially with full jitter. A slow or hung handler is cut off by
+its timeout, and only ever occupies its own lane: ingestion never waits for dispatch, and
+other handlers carry on. Each lane keeps at most ``max_backlog`` changes in memory and
+reads more from the outbox as it drains. Dead letters are re-driven by moving them to
+``redrive`` (CLI or API); the lane picks those up on its next poll.
+
+Processes sharing one store elect one dispatcher through the store's ``dispatch`` lease;
+a restart on the same host takes its own dead predecessor's lease at once.
 """
 
 from __future__ import annotations
@@ -24,151 +30,457 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
-from consumer.model import Task
-from consumer.secrets import redact
-from consumer.store import ChangeRecord, Store
+from consumer.store import ChangeRecord, Delivery, DeliveryStatus, Store
+from consumer.subscription import PermanentError, PhaseChange, Subscription
 
-__all__ = ["Dispatcher", "Handler", "NamedHandler", "PhaseChange"]
+__all__ = ["Dispatcher", "LaneStats"]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class PhaseChange:
-    """What a handler receives: the materialized phase of ``task_id`` changed.
-
-    ``task`` is the materialized task right after the change, credentials hidden.
-    ``changed_at`` is the snapshot's ``status.updatedAt`` (Unix ms); ``seq`` orders changes.
-    """
-
-    task_id: str
-    previous_phase: str | None
-    phase: str
-    task: Task
-    event_id: str
-    changed_at: int | float
-    seq: int
-
-    @classmethod
-    def from_record(cls, record: ChangeRecord) -> PhaseChange:
-        return cls(
-            task_id=record.task_id,
-            previous_phase=record.previous_phase,
-            phase=record.phase,
-            task=Task.model_validate(redact(record.task)),
-            event_id=record.event_id,
-            changed_at=record.changed_at,
-            seq=record.seq,
-        )
+_READ_BATCH = 500
 
 
-Handler = Callable[[PhaseChange], Awaitable[None]]
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
-class NamedHandler:
-    name: str
-    fn: Handler
+@dataclass(slots=True)
+class LaneStats:
+    delivered: int = 0
+    failures: int = 0  # failed attempts (each retry counts)
+    dead: int = 0
+    filtered: int = 0
+    queued: int = 0  # changes in memory, waiting or in delivery
+    in_flight: int = 0  # handler calls running now
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "delivered": self.delivered,
+            "failures": self.failures,
+            "dead": self.dead,
+            "filtered": self.filtered,
+            "queued": self.queued,
+            "inFlight": self.in_flight,
+        }
+
+
+@dataclass(slots=True)
+class _Item:
+    record: ChangeRecord
+    attempts: int = 0  # attempts already made (from a previous failing record, or 0)
+    first_attempt_at: int | None = None
+    redrive: bool = False
+
+
+@dataclass(slots=True)
+class _Lane:
+    sub: Subscription
+    cursor: int = 0  # every seq <= cursor is resolved
+    scanned: int = 0  # highest seq read from the outbox
+    queues: dict[str, deque[_Item]] = field(default_factory=dict)
+    workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    unresolved: set[int] = field(default_factory=set)
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
+    stats: LaneStats = field(default_factory=LaneStats)
+    saved_cursor: int = -1
+
+
+class _Recorder:
+    """Group commit for delivery records: many workers, one store write per round."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[tuple[Delivery, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def record(self, delivery: Delivery) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((delivery, future))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                while True:
+                    try:
+                        await self._store.record_deliveries([d for d, _ in batch])
+                        break
+                    except Exception:
+                        # Losing a 'done' would deliver the change again: keep trying.
+                        log.exception("could not record %d deliveries; retrying", len(batch))
+                        await asyncio.sleep(0.5)
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+        finally:
+            self._flushing = None
 
 
 class Dispatcher:
     def __init__(
         self,
         store: Store,
-        handlers: Sequence[NamedHandler],
+        subscriptions: Sequence[Subscription],
         *,
-        timeout_s: float = 30.0,
         poll_s: float = 1.0,
+        max_backlog: int = 10_000,
+        drain_s: float = 10.0,
     ) -> None:
         self._store = store
-        self._handlers = list(handlers)
-        self._timeout_s = timeout_s
+        self._lanes = [
+            _Lane(sub, slots=asyncio.Semaphore(max(1, sub.concurrency))) for sub in subscriptions
+        ]
+        names = [lane.sub.name for lane in self._lanes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"handler names must be unique: {names}")
         self._poll_s = poll_s
-        # Long enough that a handler at its timeout never outlives the lease.
-        self._lease_ms = int((2 * timeout_s + 10) * 1000)
-        self._lease_renewed = 0.0
-        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._max_backlog = max_backlog
+        self._drain_s = drain_s
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.delivered = 0
-        self.failures = 0
+        longest = max((s.timeout_s for s in subscriptions), default=30.0)
+        # Long enough that a handler at its timeout never outlives the lease.
+        self._lease_ms = int((2 * longest + 10) * 1000)
+        self._lease_renewed = 0.0
+        self._leader = False
+        self._recorder = _Recorder(store)
+        self._last_housekeeping = 0.0
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        return [lane.sub for lane in self._lanes]
 
     async def start(self) -> None:
-        if not self._handlers:
-            return  # nothing to deliver to; leave the outbox to processes that have handlers
-        self._wake.set()  # pick up whatever a previous run left in the outbox
+        if not self._lanes:
+            return  # nothing to deliver to; leave the outbox to processes with handlers
+        last = (await self._store.stats()).last_change_seq
+        for lane in self._lanes:
+            if await self._store.get_cursor(lane.sub.name) is None:
+                # A new handler starts with what happens from now on (history is for
+                # `phasewatch replay handlers` to back-fill on purpose). Set before any
+                # ingestion starts, so nothing committed after this is skipped.
+                await self._store.set_cursor(lane.sub.name, last)
+            if lane.sub.on_start is not None:
+                await lane.sub.on_start()
+        self._wake.set()
         self._task = asyncio.create_task(self._run(), name="dispatch")
 
     async def stop(self) -> None:
+        """Stop reading; let deliveries in flight finish for up to ``drain_s``; record
+        nothing for the ones cut off (they are delivered again after a restart)."""
+        self._stopping.set()
+        self._wake.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        workers = [w for lane in self._lanes for w in lane.workers.values()]
+        if workers:
+            _, pending = await asyncio.wait(workers, timeout=self._drain_s)
+            for worker in pending:
+                worker.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for lane in self._lanes:
+            with contextlib.suppress(Exception):
+                await self._save_cursor(lane)
+        if self._leader:
+            # A successor (a rolling restart) need not wait for the lease to expire.
+            with contextlib.suppress(Exception):
+                await self._store.release_lease("dispatch", self._owner)
+            self._leader = False
+            if lane.sub.on_stop is not None:
+                try:
+                    await lane.sub.on_stop()
+                except Exception:
+                    log.exception("handler %s failed to stop cleanly", lane.sub.name)
 
     def notify(self, changes: Sequence[ChangeRecord]) -> None:
-        """Called by the ingestor after a commit that recorded phase changes."""
-        del changes  # the outbox is the source of truth; this is only a wake-up
+        """Called after a commit that recorded changes: a wake-up, the outbox has them."""
+        del changes
         self._wake.set()
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "leader": self._leader,
+            "handlers": {
+                lane.sub.name: {**lane.stats.as_dict(), "cursor": lane.cursor}
+                for lane in self._lanes
+            },
+        }
+
+    def pending(self, last_change_seq: int) -> int:
+        """Changes this process still has to resolve: queued, or not read yet. 0 when it
+        has no handlers or is not the dispatcher."""
+        if not self._leader:
+            return 0
+        return sum(
+            lane.stats.queued + max(0, last_change_seq - lane.scanned) for lane in self._lanes
+        )
+
+    # ------------------------------------------------------------ the loop
+
     async def _run(self) -> None:
-        while True:
-            # Polling too: another process may commit changes, or drop the lease.
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._wake.clear()
             try:
-                await self._drain()
+                if not await self._hold_lease():
+                    continue
+                # Wake-ups come with every commit; re-drives and cursors need only a poll.
+                now = time.monotonic()
+                housekeeping = now - self._last_housekeeping >= self._poll_s
+                if housekeeping:
+                    self._last_housekeeping = now
+                for lane in self._lanes:
+                    if housekeeping:
+                        await self._redrive(lane)
+                        await self._save_cursor(lane)
+                    await self._fill(lane)
             except Exception:
                 log.exception("dispatch pass failed; retrying")
 
-    async def _drain(self) -> None:
-        while await self._hold_lease(force=True) and (
-            batch := await self._store.pending_changes(500)
-        ):
-            for record in batch:
-                if not await self._hold_lease():
-                    return
-                await self._deliver(record)
-            await self._store.mark_dispatched([r.seq for r in batch])
-
-    async def _hold_lease(self, *, force: bool = False) -> bool:
+    async def _hold_lease(self) -> bool:
         now = time.monotonic()
-        if not force and now - self._lease_renewed < self._lease_ms / 3000:
+        if self._leader and now - self._lease_renewed < self._lease_ms / 3000:
             return True
-        now_ms = time.time_ns() // 1_000_000
-        holder = await self._store.acquire_lease("dispatch", self._owner, self._lease_ms, now_ms)
+        holder = await self._store.acquire_lease("dispatch", self._owner, self._lease_ms, now_ms())
         if holder != self._owner and _dead_here(holder):
             # A crashed process on this host (a restart): no need to wait out its lease.
             holder = await self._store.acquire_lease(
-                "dispatch", self._owner, self._lease_ms, now_ms, take_from=holder
+                "dispatch", self._owner, self._lease_ms, now_ms(), take_from=holder
             )
-        held = holder == self._owner
-        self._lease_renewed = now if held else 0.0
-        return held
+        was_leader, self._leader = self._leader, holder == self._owner
+        if self._leader:
+            self._lease_renewed = now
+            if not was_leader:
+                await self._become_leader()
+        elif was_leader:
+            log.warning("lost the dispatch lease to %s; standing by", holder)
+            await self._stand_down()
+        return self._leader
 
-    async def _deliver(self, record: ChangeRecord) -> None:
-        change = PhaseChange.from_record(record)
-        for handler in self._handlers:
-            try:
-                await asyncio.wait_for(handler.fn(change), self._timeout_s)
-                self.delivered += 1
-            except Exception:
-                self.failures += 1
-                log.exception(
-                    "handler %s failed for change %d (%s: %s -> %s)",
-                    handler.name,
-                    record.seq,
-                    record.task_id,
+    async def _become_leader(self) -> None:
+        for lane in self._lanes:
+            cursor = await self._store.get_cursor(lane.sub.name) or 0
+            lane.cursor = lane.scanned = lane.saved_cursor = cursor
+        log.info("dispatching to %d handler(s) as %s", len(self._lanes), self._owner)
+
+    async def _stand_down(self) -> None:
+        for lane in self._lanes:
+            for worker in lane.workers.values():
+                worker.cancel()
+            await asyncio.gather(*lane.workers.values(), return_exceptions=True)
+            lane.workers.clear()
+            lane.queues.clear()
+            lane.unresolved.clear()
+            lane.stats.queued = 0
+
+    async def _redrive(self, lane: _Lane) -> None:
+        """Queue dead letters an operator moved to 'redrive' (attempts start again)."""
+        redrive = await self._store.list_deliveries([DeliveryStatus.REDRIVE], lane.sub.name, 500)
+        if not redrive:
+            return
+        records = {r.seq: r for r in await self._store.changes_by_seq([d.seq for d in redrive])}
+        for d in redrive:
+            if d.seq in records and d.seq not in lane.unresolved:
+                lane.unresolved.add(d.seq)
+                self._enqueue(lane, _Item(records[d.seq], redrive=True))
+
+    async def _fill(self, lane: _Lane) -> None:
+        """Queue outbox changes past the lane's scan point."""
+        while lane.stats.queued < self._max_backlog and not self._stopping.is_set():
+            room = min(_READ_BATCH, self._max_backlog - lane.stats.queued)
+            batch = await self._store.changes_after(lane.scanned, room)
+            if not batch:
+                break
+            known = await self._store.deliveries_for(lane.sub.name, [r.seq for r in batch])
+            for record in batch:
+                lane.scanned = record.seq
+                prior = known.get(record.seq)
+                if prior is not None and prior.status is not DeliveryStatus.FAILING:
+                    continue  # resolved before a restart
+                if not lane.sub.wants(
+                    record.kind,
+                    record.task_type,
                     record.previous_phase,
                     record.phase,
+                ):
+                    lane.stats.filtered += 1
+                    continue
+                lane.unresolved.add(record.seq)
+                self._enqueue(
+                    lane,
+                    _Item(record, prior.attempts, prior.first_attempt_at)
+                    if prior is not None
+                    else _Item(record),
                 )
+            self._advance(lane)
+
+    def _enqueue(self, lane: _Lane, item: _Item) -> None:
+        task_id = item.record.task_id
+        lane.queues.setdefault(task_id, deque()).append(item)
+        lane.stats.queued += 1
+        if task_id not in lane.workers:
+            worker = asyncio.create_task(self._work(lane, task_id), name=f"deliver-{task_id}")
+            lane.workers[task_id] = worker
+
+    def _advance(self, lane: _Lane) -> None:
+        lane.cursor = min(lane.unresolved) - 1 if lane.unresolved else lane.scanned
+
+    async def _save_cursor(self, lane: _Lane) -> None:
+        if lane.cursor != lane.saved_cursor:
+            await self._store.set_cursor(lane.sub.name, lane.cursor)
+            lane.saved_cursor = lane.cursor
+
+    # ------------------------------------------------------------ delivery
+
+    async def _work(self, lane: _Lane, task_id: str) -> None:
+        """Deliver one task's queued changes, in order, one at a time."""
+        queue = lane.queues[task_id]
+        try:
+            while queue:
+                item = queue[0]
+                await self._deliver(lane, item)
+                queue.popleft()
+                lane.stats.queued -= 1
+                lane.unresolved.discard(item.record.seq)
+                self._advance(lane)
+        finally:
+            if not queue:
+                lane.queues.pop(task_id, None)
+            lane.workers.pop(task_id, None)
+        if lane.stats.queued < self._max_backlog // 2:
+            self._wake.set()  # room again: read more of the outbox
+
+    async def _deliver(self, lane: _Lane, item: _Item) -> None:
+        sub, record = lane.sub, item.record
+        attempts = 0 if item.redrive else item.attempts
+        first = (None if item.redrive else item.first_attempt_at) or now_ms()
+        change = PhaseChange.build(
+            seq=record.seq,
+            task_id=record.task_id,
+            event_id=record.event_id,
+            previous_phase=record.previous_phase,
+            phase=record.phase,
+            changed_at=record.changed_at,
+            task=record.task,
+            kind="update" if record.kind == "update" else "phase",
+        )
+        if sub.where is not None and not _safe_where(sub, change):
+            lane.stats.filtered += 1
+            return
+        while True:
+            attempts += 1
+            attempt_change = change if attempts == 1 else _with_attempt(change, attempts)
+            try:
+                async with lane.slots:
+                    lane.stats.in_flight += 1
+                    try:
+                        await asyncio.wait_for(sub.fn(attempt_change), sub.timeout_s)
+                    finally:
+                        lane.stats.in_flight -= 1
+            except PermanentError as exc:
+                await self._record(
+                    lane, item, DeliveryStatus.DEAD, attempts, first=first, error=_describe(exc)
+                )
+                return
+            except Exception as exc:  # any failure of user code is retried, never fatal
+                lane.stats.failures += 1
+                error = _describe(exc)
+                age_s = (now_ms() - first) / 1000
+                if attempts >= sub.max_attempts or age_s >= sub.max_age_s:
+                    await self._record(
+                        lane, item, DeliveryStatus.DEAD, attempts, first=first, error=error
+                    )
+                    return
+                log.warning(
+                    "handler %s failed on change %d (attempt %d): %s",
+                    sub.name,
+                    record.seq,
+                    attempts,
+                    error,
+                )
+                await self._record(
+                    lane, item, DeliveryStatus.FAILING, attempts, first=first, error=error
+                )
+                await asyncio.sleep(_backoff(sub, attempts))
+                continue
+            await self._record(lane, item, DeliveryStatus.DONE, attempts, first=first, error=None)
+            return
+
+    async def _record(
+        self,
+        lane: _Lane,
+        item: _Item,
+        status: DeliveryStatus,
+        attempts: int,
+        *,
+        first: int,
+        error: str | None,
+    ) -> None:
+        delivery = Delivery(
+            lane.sub.name, item.record.seq, status, attempts, first, now_ms(), error
+        )
+        # Awaited before the task's next change is delivered (order, and a 'done' must be
+        # durable before we move on); concurrent records share one transaction.
+        await self._recorder.record(delivery)
+        if status is DeliveryStatus.DONE:
+            lane.stats.delivered += 1
+        elif status is DeliveryStatus.DEAD:
+            lane.stats.dead += 1
+            log.error(
+                "change %d (%s -> %s of %s) dead-lettered for %s after %d attempt(s): %s",
+                item.record.seq,
+                item.record.previous_phase,
+                item.record.phase,
+                item.record.task_id,
+                lane.sub.name,
+                attempts,
+                error,
+            )
+
+
+def _backoff(sub: Subscription, attempts: int) -> float:
+    # Full jitter (AWS architecture blog): spreads retries of many failing deliveries.
+    ceiling = min(sub.max_backoff_s, sub.backoff_s * 2 ** (attempts - 1))
+    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+
+
+def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:
+    return replace(change, attempt=attempt)
+
+
+def _safe_where(sub: Subscription, change: PhaseChange) -> bool:
+    try:
+        return sub.where is None or bool(sub.where(change))
+    except Exception:
+        log.exception("filter of handler %s raised on change %d; skipping it", sub.name, change.seq)
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError):
+        text = "timed out"
+    return f"{type(exc).__name__}: {text}"[:2000]
 
 
 def _dead_here(owner: str) -> bool:

@@ -37,7 +37,7 @@ from consumer.ingest import ChangeSink, now_ms
 from consumer.settings import Settings
 from consumer.store import Store
 
-__all__ = ["KafkaForwarder", "KafkaSource", "KafkaStats", "client_options"]
+__all__ = ["KafkaForwarder", "KafkaPublisher", "KafkaSource", "KafkaStats", "client_options"]
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,37 @@ class KafkaForwarder:
         await self._producer.send_and_wait(self._topic, value=event.raw, key=key)
         self.forwarded += 1
         return "forwarded"
+
+
+class KafkaPublisher:
+    """A small producer for handler code (``handlers.kafka_publish``): acks=all,
+    idempotent; ``publish`` returns once the broker has the record."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        self._producer: AIOKafkaProducer | None = None
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            **self._options, acks="all", enable_idempotence=True, linger_ms=1
+        )
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def publish(
+        self,
+        topic: str,
+        value: bytes,
+        key: bytes | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
+    ) -> None:
+        if self._producer is None:
+            raise RuntimeError("KafkaPublisher is not started")
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=list(headers))
 
 
 def _tp_name(tp: TopicPartition) -> str:

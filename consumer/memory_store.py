@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from dataclasses import replace
 
 from consumer.codec import Event
 from consumer.fold import TaskState
 from consumer.store import (
     ChangeRecord,
     Cursor,
+    Delivery,
+    DeliveryStatus,
     HistoryEntry,
     IngestResult,
     StoredTask,
@@ -27,13 +30,15 @@ __all__ = ["MemoryStore"]
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, *, record_updates: bool = False) -> None:
+        self.record_updates = record_updates
         self._events: dict[str, HistoryEntry] = {}
         self._by_task: dict[str, list[HistoryEntry]] = {}
         self._states: dict[str, TaskState] = {}
         self._versions: dict[str, int] = {}
         self._changes: list[ChangeRecord] = []
-        self._dispatched: set[int] = set()
+        self._deliveries: dict[tuple[str, int, bool], Delivery] = {}
+        self._cursors: dict[str, int] = {}
         self._seq = 0
         self._leases: dict[str, tuple[str, int]] = {}
 
@@ -46,7 +51,12 @@ class MemoryStore:
     async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
         touched = {e.task_id for e in events if e.task_id is not None}
         known = [e.id for e in events if e.id in self._events]
-        plan = plan_batch(events, known, {t: self._states[t] for t in touched if t in self._states})
+        plan = plan_batch(
+            events,
+            known,
+            {t: self._states[t] for t in touched if t in self._states},
+            record_updates=self.record_updates,
+        )
         for event in plan.new_events:
             self._seq += 1
             entry = HistoryEntry(
@@ -79,6 +89,7 @@ class MemoryStore:
                 change.changed_at,
                 received_at,
                 change.task,
+                change.kind,
             )
             self._changes.append(record)
             recorded.append(record)
@@ -113,11 +124,59 @@ class MemoryStore:
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
         return [c for c in self._changes if c.task_id == task_id]
 
-    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
-        return [c for c in self._changes if c.seq not in self._dispatched][:limit]
+    async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
+        return self._changes[seq : seq + limit]  # seq n sits at index n - 1
 
-    async def mark_dispatched(self, seqs: Sequence[int]) -> None:
-        self._dispatched.update(seqs)
+    async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]:
+        return [self._changes[s - 1] for s in sorted(set(seqs)) if 0 < s <= len(self._changes)]
+
+    async def get_cursor(self, handler: str) -> int | None:
+        return self._cursors.get(handler)
+
+    async def set_cursor(self, handler: str, seq: int) -> None:
+        self._cursors[handler] = seq
+
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        for d in deliveries:
+            self._deliveries[(d.handler, d.seq, d.replay)] = d
+
+    async def deliveries_for(
+        self, handler: str, seqs: Sequence[int], *, replay: bool = False
+    ) -> dict[int, Delivery]:
+        found = (self._deliveries.get((handler, s, replay)) for s in seqs)
+        return {d.seq: d for d in found if d is not None}
+
+    async def list_deliveries(
+        self, statuses: Sequence[DeliveryStatus], handler: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        rows = sorted(
+            (
+                d
+                for d in self._deliveries.values()
+                if d.status in statuses and (handler is None or d.handler == handler)
+            ),
+            key=lambda d: (d.seq, d.handler),
+        )
+        return rows[:limit]
+
+    async def set_delivery_status(
+        self,
+        frm: DeliveryStatus,
+        to: DeliveryStatus,
+        *,
+        handler: str | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> int:
+        wanted = None if seqs is None else set(seqs)
+        moved = 0
+        for key, d in list(self._deliveries.items()):
+            if d.status != frm or (handler is not None and d.handler != handler):
+                continue
+            if wanted is not None and d.seq not in wanted:
+                continue
+            self._deliveries[key] = replace(d, status=to)
+            moved += 1
+        return moved
 
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
@@ -127,9 +186,13 @@ class MemoryStore:
             self._leases[name] = (owner, now_ms + ttl_ms)
         return self._leases[name][0]
 
+    async def release_lease(self, name: str, owner: str) -> None:
+        if self._leases.get(name, ("", 0))[0] == owner:
+            del self._leases[name]
+
     async def stats(self) -> StoreStats:
-        pending = len(self._changes) - len(self._dispatched)
-        return StoreStats(len(self._events), len(self._states), pending)
+        n = len(self._changes)
+        return StoreStats(len(self._events), len(self._states), n, n)
 
 
 def _matches(state: TaskState, query: TaskQuery) -> bool:

@@ -9,83 +9,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import signal
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
-from consumer.dispatch import Dispatcher, Handler, NamedHandler
+from consumer.dispatch import Dispatcher
 from consumer.http import EventSink, HttpConfig, build_app
 from consumer.ingest import Ingestor
 from consumer.kafka import KafkaForwarder, KafkaSource
+from consumer.loading import load_subscriptions
 from consumer.memory_store import MemoryStore
 from consumer.secrets import redact_text
 from consumer.settings import Settings
 from consumer.sqlite_store import SQLiteStore, path_from_url
 from consumer.store import Store
+from consumer.subscription import Subscription
 
-__all__ = ["Service", "load_handlers", "open_store", "serve"]
+__all__ = ["Service", "open_store", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings) -> Store:
-    """The backend named by ``database_url`` (not opened yet)."""
+def open_store(settings: Settings, *, record_updates: bool = False) -> Store:
+    """The backend named by ``database_url`` (not opened yet). ``record_updates``: also
+    record non-phase changes in the outbox (some handler asked for updates)."""
     url = settings.database_url
     if url.startswith("memory://"):
-        return MemoryStore()
-    return SQLiteStore(path_from_url(url), synchronous=settings.sqlite_synchronous)
-
-
-class HandlerLoadError(ValueError):
-    pass
-
-
-def load_handlers(refs: Sequence[str]) -> list[NamedHandler]:
-    """Resolve ``module:attribute`` references to async callables.
-
-    An attribute may be one handler or a list/tuple of them (a module exporting several).
-    """
-    loaded: list[NamedHandler] = []
-    for ref in refs:
-        module_name, sep, attr = ref.partition(":")
-        if not sep or not module_name or not attr:
-            raise HandlerLoadError(f"handler reference {ref!r} is not module:attribute")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise HandlerLoadError(
-                f"cannot import {module_name!r} for handler {ref!r}: {exc}"
-            ) from exc
-        target = module
-        for part in attr.split("."):
-            try:
-                target = getattr(target, part)
-            except AttributeError:
-                raise HandlerLoadError(f"{module_name!r} has no attribute {attr!r}") from None
-        items = list(target) if isinstance(target, list | tuple) else [target]
-        for index, item in enumerate(items):
-            if not callable(item):
-                raise HandlerLoadError(f"handler {ref!r} is not callable")
-            name = ref if len(items) == 1 else f"{ref}[{index}]"
-            loaded.append(NamedHandler(name, _as_handler(item, ref)))
-    return loaded
-
-
-def _as_handler(item: object, ref: str) -> Handler:
-    if not (
-        inspect.iscoroutinefunction(item)
-        or inspect.iscoroutinefunction(
-            getattr(item, "__call__", None)  # noqa: B004 - async callable objects
-        )
-    ):
-        raise HandlerLoadError(f"handler {ref!r} must be an async callable (async def)")
-    return item  # type: ignore[return-value]
+        return MemoryStore(record_updates=record_updates)
+    return SQLiteStore(
+        path_from_url(url), synchronous=settings.sqlite_synchronous, record_updates=record_updates
+    )
 
 
 @dataclass
@@ -94,13 +50,11 @@ class Service:
 
     settings: Settings
     store: Store
-    handlers: list[NamedHandler] = field(default_factory=list)
+    handlers: list[Subscription] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.dispatcher = Dispatcher(
-            self.store, self.handlers, timeout_s=settings.handler_timeout_s
-        )
+        self.dispatcher = Dispatcher(self.store, self.handlers)
         self.ingestor = Ingestor(
             self.store,
             source="webhook",
@@ -138,7 +92,8 @@ class Service:
         status: dict[str, Any] = {
             "events": stats.events,
             "tasks": stats.tasks,
-            "pendingChanges": stats.pending_changes,
+            "changes": stats.changes,
+            "pendingChanges": self.dispatcher.pending(stats.last_change_seq),
             "ingest": {
                 "accepted": ingest.accepted,
                 "duplicates": ingest.duplicates,
@@ -146,10 +101,7 @@ class Service:
                 "largestBatch": ingest.largest_batch,
                 "failed": ingest.failed,
             },
-            "dispatch": {
-                "delivered": self.dispatcher.delivered,
-                "failures": self.dispatcher.failures,
-            },
+            "dispatch": self.dispatcher.status(),
         }
         if self.kafka is not None:
             status["kafka"] = self.kafka.status()
@@ -159,13 +111,15 @@ class Service:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
-        return cls(settings, open_store(settings), load_handlers(settings.handler_refs()))
+        subscriptions = load_subscriptions(settings.handler_refs(), settings)
+        store = open_store(settings, record_updates=any(s.updates for s in subscriptions))
+        return cls(settings, store, subscriptions)
 
     async def _on_startup(self, app: web.Application) -> None:
         del app
         await self.store.open()
+        await self.dispatcher.start()  # first: it fixes new handlers' starting point
         await self.ingestor.start()
-        await self.dispatcher.start()
         if self.kafka is not None:
             await self.kafka.start()
         if self.forwarder is not None:

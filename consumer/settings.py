@@ -84,6 +84,30 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = Field(None, description="CA bundle to verify the brokers.")
     kafka_ssl_certfile: str | None = Field(None, description="Client certificate (mTLS).")
     kafka_ssl_keyfile: str | None = Field(None, description="Client private key (mTLS).")
+    # -- built-in handlers (each enabled by setting its first variable)
+    notify_url: str | None = Field(
+        None, description="Built-in HTTP notify: POST each phase change here, signed."
+    )
+    notify_secret: SecretStr | None = Field(
+        None, description="HMAC secret for notifications (Standard Webhooks, whsec_...)."
+    )
+    notify_phases: str = Field(
+        "", description="Comma-separated phases to notify (empty: every phase change)."
+    )
+    notify_timeout_s: float = Field(10.0, gt=0, description="HTTP notify request timeout.")
+    publish_topic: str | None = Field(
+        None, description="Built-in Kafka publish: each phase change as a record here."
+    )
+    log_changes: bool = Field(False, description="Built-in log: one JSON line per change.")
+    dispatch_max_attempts: int = Field(
+        8, gt=0, description="Attempts per (change, handler) before dead-lettering."
+    )
+    dispatch_max_age_s: float = Field(
+        86400.0, gt=0, description="Give up retrying a delivery after this many seconds."
+    )
+    dispatch_concurrency: int = Field(
+        8, gt=0, description="Concurrent calls per handler (one at a time per task)."
+    )
     webhook_forward: bool = Field(
         False,
         description="With Kafka: produce verified webhooks to the first topic "

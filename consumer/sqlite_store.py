@@ -30,6 +30,8 @@ from consumer.fold import TaskState
 from consumer.store import (
     ChangeRecord,
     Cursor,
+    Delivery,
+    DeliveryStatus,
     HistoryEntry,
     IngestResult,
     StoredTask,
@@ -80,10 +82,26 @@ CREATE TABLE IF NOT EXISTS changes (
     changed_at     NUMERIC NOT NULL,
     recorded_at    INTEGER NOT NULL,
     task           BLOB    NOT NULL,
-    dispatched     INTEGER NOT NULL DEFAULT 0
+    kind           TEXT    NOT NULL DEFAULT 'phase'
 );
 CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_id, seq);
-CREATE INDEX IF NOT EXISTS changes_pending ON changes (seq) WHERE dispatched = 0;
+CREATE TABLE IF NOT EXISTS deliveries (
+    handler          TEXT    NOT NULL,
+    seq              INTEGER NOT NULL,
+    replay           INTEGER NOT NULL,
+    status           TEXT    NOT NULL,
+    attempts         INTEGER NOT NULL,
+    first_attempt_at INTEGER NOT NULL,
+    last_attempt_at  INTEGER NOT NULL,
+    error            TEXT,
+    PRIMARY KEY (handler, seq, replay)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_attention ON deliveries (status, seq)
+    WHERE status IN ('dead', 'redrive', 'failing');
+CREATE TABLE IF NOT EXISTS cursors (
+    handler TEXT    PRIMARY KEY,
+    seq     INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS leases (
     name       TEXT    PRIMARY KEY,
     owner      TEXT    NOT NULL,
@@ -103,8 +121,11 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteStore:
-    def __init__(self, path: Path | str, *, synchronous: Synchronous = "FULL") -> None:
+    def __init__(
+        self, path: Path | str, *, synchronous: Synchronous = "FULL", record_updates: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.record_updates = record_updates
         self._synchronous = synchronous
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-w")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-r")
@@ -154,18 +175,8 @@ class SQLiteStore:
     # ------------------------------------------------------------ writes
 
     async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
-        return await self._run(self._writer, self._ingest, list(events), source, received_at)
-
-    def _ingest(self, events: list[Event], source: str, received_at: int) -> IngestResult:
-        con = self._w()
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            result = self._ingest_in_tx(con, events, source, received_at)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        return result
+        batch = list(events)
+        return await self._write(lambda con: self._ingest_in_tx(con, batch, source, received_at))
 
     def _ingest_in_tx(
         self, con: sqlite3.Connection, events: list[Event], source: str, received_at: int
@@ -181,7 +192,9 @@ class SQLiteStore:
         ):
             states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
             versions[task_id] = version
-        plan = plan_batch(events, (row[0] for row in known), states)
+        plan = plan_batch(
+            events, (row[0] for row in known), states, record_updates=self.record_updates
+        )
 
         con.executemany(
             "INSERT INTO events (event_id, task_id, kind, format, source, received_at,"
@@ -235,12 +248,13 @@ class SQLiteStore:
                     c.changed_at,
                     received_at,
                     c.task,
+                    c.kind,
                 )
                 for i, c in enumerate(plan.changes, start=1)
             ]
             con.executemany(
                 "INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,"
-                " recorded_at, task) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.seq,
@@ -251,51 +265,102 @@ class SQLiteStore:
                         r.changed_at,
                         r.recorded_at,
                         orjson.dumps(r.task),
+                        r.kind,
                     )
                     for r in recorded
                 ],
             )
         return IngestResult(plan.outcomes, recorded)
 
-    async def mark_dispatched(self, seqs: Sequence[int]) -> None:
-        def run() -> None:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction on the writer thread."""
+
+        def run() -> T:
             con = self._w()
             con.execute("BEGIN IMMEDIATE")
             try:
-                con.executemany(
-                    "UPDATE changes SET dispatched = 1 WHERE seq = ?", [(s,) for s in seqs]
-                )
+                result = fn(con)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+            return result
 
-        await self._run(self._writer, run)
+        return await self._run(self._writer, run)
+
+    async def set_cursor(self, handler: str, seq: int) -> None:
+        await self._write(
+            lambda con: con.execute(
+                "INSERT INTO cursors (handler, seq) VALUES (?, ?)"
+                " ON CONFLICT (handler) DO UPDATE SET seq = excluded.seq",
+                (handler, seq),
+            )
+        )
+
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        rows = [
+            (
+                d.handler,
+                d.seq,
+                int(d.replay),
+                d.status.value,
+                d.attempts,
+                d.first_attempt_at,
+                d.last_attempt_at,
+                d.error,
+            )
+            for d in deliveries
+        ]
+        await self._write(
+            lambda con: con.executemany(
+                "INSERT OR REPLACE INTO deliveries (handler, seq, replay, status, attempts,"
+                " first_attempt_at, last_attempt_at, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def set_delivery_status(
+        self,
+        frm: DeliveryStatus,
+        to: DeliveryStatus,
+        *,
+        handler: str | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> int:
+        where = ["status = ?"]
+        params: list[Any] = [frm.value]
+        if handler is not None:
+            where.append("handler = ?")
+            params.append(handler)
+        if seqs is not None:
+            where.append(f"seq IN ({','.join('?' * len(seqs))})")
+            params.extend(seqs)
+        sql = f"UPDATE deliveries SET status = ? WHERE {' AND '.join(where)}"  # noqa: S608
+        cursor = await self._write(lambda con: con.execute(sql, [to.value, *params]))
+        return int(cursor.rowcount)
 
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
     ) -> str:
-        def run() -> str:
-            con = self._w()
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                con.execute(
-                    "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
-                    " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
-                    " expires_at = excluded.expires_at"
-                    " WHERE leases.owner IN (excluded.owner, ?) OR leases.expires_at < ?",
-                    (name, owner, now_ms + ttl_ms, take_from, now_ms),
-                )
-                (holder,) = con.execute(
-                    "SELECT owner FROM leases WHERE name = ?", (name,)
-                ).fetchone()
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        def run(con: sqlite3.Connection) -> str:
+            con.execute(
+                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " expires_at = excluded.expires_at"
+                " WHERE leases.owner IN (excluded.owner, ?) OR leases.expires_at < ?",
+                (name, owner, now_ms + ttl_ms, take_from, now_ms),
+            )
+            (holder,) = con.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
             return str(holder)
 
-        return await self._run(self._writer, run)
+        return await self._write(run)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._write(
+            lambda con: con.execute(
+                "DELETE FROM leases WHERE name = ? AND owner = ?", (name, owner)
+            )
+        )
 
     # ------------------------------------------------------------ reads
 
@@ -350,38 +415,92 @@ class SQLiteStore:
         ]
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
+        rows = await self._read(f"{_CHANGE_COLUMNS} WHERE task_id = ? ORDER BY seq", (task_id,))
+        return [_change(row) for row in rows]
+
+    async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
         rows = await self._read(
-            "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task"
-            " FROM changes WHERE task_id = ? ORDER BY seq",
-            (task_id,),
+            f"{_CHANGE_COLUMNS} WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
         )
         return [_change(row) for row in rows]
 
-    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
-        rows = await self._read(
-            "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task"
-            " FROM changes WHERE dispatched = 0 ORDER BY seq LIMIT ?",
-            (limit,),
-        )
-        return [_change(row) for row in rows]
+    async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]:
+        def run() -> list[Any]:
+            return _select_in(self._r(), f"{_CHANGE_COLUMNS} WHERE seq IN ({{}})", list(seqs))
+
+        rows = await self._run(self._reader, run)
+        return sorted((_change(row) for row in rows), key=lambda c: c.seq)
+
+    async def get_cursor(self, handler: str) -> int | None:
+        rows = await self._read("SELECT seq FROM cursors WHERE handler = ?", (handler,))
+        return int(rows[0][0]) if rows else None
+
+    async def deliveries_for(
+        self, handler: str, seqs: Sequence[int], *, replay: bool = False
+    ) -> dict[int, Delivery]:
+        def run() -> list[Any]:
+            sql = f"{_DELIVERY_COLUMNS} WHERE handler = ? AND replay = ? AND seq IN ({{}})"
+            out: list[Any] = []
+            values = list(seqs)
+            for start in range(0, len(values), _CHUNK):
+                chunk = values[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                out.extend(
+                    self._r().execute(sql.format(marks), [handler, int(replay), *chunk]).fetchall()
+                )
+            return out
+
+        rows = await self._run(self._reader, run)
+        return {d.seq: d for d in map(_delivery, rows)}
+
+    async def list_deliveries(
+        self, statuses: Sequence[DeliveryStatus], handler: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        where = f"status IN ({','.join('?' * len(statuses))})"
+        params: list[Any] = [s.value for s in statuses]
+        if handler is not None:
+            where += " AND handler = ?"
+            params.append(handler)
+        sql = f"{_DELIVERY_COLUMNS} WHERE {where} ORDER BY seq, handler LIMIT ?"
+        rows = await self._read(sql, [*params, limit])
+        return [_delivery(row) for row in rows]
 
     async def stats(self) -> StoreStats:
         rows = await self._read(
             "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),"
-            " (SELECT count(*) FROM changes WHERE dispatched = 0)"
+            " (SELECT count(*) FROM changes), (SELECT coalesce(max(seq), 0) FROM changes)"
         )
-        events, tasks, pending = rows[0]
-        return StoreStats(events, tasks, pending)
+        events, tasks, changes, last = rows[0]
+        return StoreStats(events, tasks, changes, last)
 
 
-def _change(row: Any) -> ChangeRecord:
-    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task = row
-    return ChangeRecord(
-        seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task)
+_CHANGE_COLUMNS = (
+    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind"
+    " FROM changes"
+)
+
+
+_DELIVERY_COLUMNS = (
+    "SELECT handler, seq, status, attempts, first_attempt_at, last_attempt_at, error, replay"
+    " FROM deliveries"
+)
+
+
+def _delivery(row: Any) -> Delivery:
+    handler, seq, status, attempts, first, last, error, replay = row
+    return Delivery(
+        handler, seq, DeliveryStatus(status), attempts, first, last, error, bool(replay)
     )
 
 
-def _select_in(con: sqlite3.Connection, sql: str, values: list[str]) -> list[Any]:
+def _change(row: Any) -> ChangeRecord:
+    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind = row
+    return ChangeRecord(
+        seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task), kind
+    )
+
+
+def _select_in(con: sqlite3.Connection, sql: str, values: Sequence[str | int]) -> list[Any]:
     rows: list[Any] = []
     for start in range(0, len(values), _CHUNK):
         chunk = values[start : start + _CHUNK]

@@ -32,6 +32,8 @@ __all__ = [
     "BatchPlan",
     "ChangeRecord",
     "Cursor",
+    "Delivery",
+    "DeliveryStatus",
     "HistoryEntry",
     "IngestResult",
     "NewChange",
@@ -62,6 +64,7 @@ class NewChange:
     phase: str
     changed_at: int | float  # status.updatedAt of the snapshot that moved the phase
     task: dict[str, Any]  # the materialized task right after the change
+    kind: str = "phase"  # "phase", or "update" (recorded only when asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,34 @@ class ChangeRecord:
     changed_at: int | float
     recorded_at: int  # Unix ms when phasewatch committed it
     task: dict[str, Any]  # the materialized task right after the change (not redacted)
+    kind: str = "phase"  # "phase": the phase moved; "update": anything else changed
+
+    @property
+    def task_type(self) -> str | None:
+        value = self.task.get("type")
+        return value if isinstance(value, str) else None
+
+
+class DeliveryStatus(StrEnum):
+    DONE = "done"  # the handler returned normally: never delivered again
+    DEAD = "dead"  # failed for good (permanent error, attempts or age exhausted)
+    REDRIVE = "redrive"  # a dead letter an operator asked to retry
+    DROPPED = "dropped"  # a dead letter an operator gave up on
+    FAILING = "failing"  # still being retried; attempts and last error so far
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The record of one (change, handler) delivery. Replays are recorded apart."""
+
+    handler: str
+    seq: int
+    status: DeliveryStatus
+    attempts: int
+    first_attempt_at: int  # Unix ms
+    last_attempt_at: int
+    error: str | None = None
+    replay: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +186,8 @@ class TaskPage:
 class StoreStats:
     events: int
     tasks: int
-    pending_changes: int
+    changes: int
+    last_change_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +213,13 @@ def plan_batch(
     events: Sequence[Event],
     known_event_ids: Iterable[str],
     states: Mapping[str, TaskState],
+    *,
+    record_updates: bool = False,
 ) -> BatchPlan:
     """Decide what a batch does, given the event ids already stored among the batch's and
-    the current state of the tasks it touches (absent: never seen)."""
+    the current state of the tasks it touches (absent: never seen). With
+    ``record_updates``, a change of the materialized task that keeps its phase is recorded
+    too (kind "update"), for handlers that want progress."""
     seen = set(known_event_ids)
     current: dict[str, TaskState] = dict(states)
     plan = BatchPlan()
@@ -213,6 +249,19 @@ def plan_batch(
                     applied.transition.phase,
                     applied.state.updated_at,
                     applied.state.task,
+                )
+            )
+        elif record_updates and applied.changed:
+            phase = applied.state.phase
+            plan.changes.append(
+                NewChange(
+                    event.task_id,
+                    event.id,
+                    phase,
+                    phase,
+                    applied.state.updated_at,
+                    applied.state.task,
+                    kind="update",
                 )
             )
     return plan
@@ -254,11 +303,43 @@ class Store(Protocol):
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]: ...
 
-    async def pending_changes(self, limit: int = 500) -> list[ChangeRecord]:
-        """Outbox entries not yet marked dispatched, in ``seq`` order."""
+    async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
+        """Outbox entries with a larger ``seq``, in order."""
         ...
 
-    async def mark_dispatched(self, seqs: Sequence[int]) -> None: ...
+    async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]: ...
+
+    async def get_cursor(self, handler: str) -> int | None:
+        """Every change up to this seq is resolved for ``handler`` (None: never started)."""
+        ...
+
+    async def set_cursor(self, handler: str, seq: int) -> None: ...
+
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        """Insert or replace delivery records (keyed by handler, seq, replay), atomically."""
+        ...
+
+    async def deliveries_for(
+        self, handler: str, seqs: Sequence[int], *, replay: bool = False
+    ) -> dict[int, Delivery]:
+        """The delivery records of ``handler`` among ``seqs``, by seq."""
+        ...
+
+    async def list_deliveries(
+        self, statuses: Sequence[DeliveryStatus], handler: str | None = None, limit: int = 100
+    ) -> list[Delivery]: ...
+
+    async def set_delivery_status(
+        self,
+        frm: DeliveryStatus,
+        to: DeliveryStatus,
+        *,
+        handler: str | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> int:
+        """Move records in status ``frm`` (optionally of one handler / some seqs) to
+        ``to``; returns how many moved. How dead letters are re-driven or dropped."""
+        ...
 
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
@@ -267,6 +348,10 @@ class Store(Protocol):
         free, expired, already ``owner``'s, or held by ``take_from`` (a holder known dead).
         Returns the holder afterwards. Lets processes sharing a store agree on one
         dispatcher."""
+        ...
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (a graceful stop)."""
         ...
 
     async def stats(self) -> StoreStats: ...

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from consumer.dispatch import NamedHandler
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.sqlite_store import SQLiteStore
 from consumer.store import Store
+from consumer.subscription import Subscription
 from tests.support import FIXTURE_SECRET
 
 PATH = "/webhooks/livepeer"
@@ -23,7 +23,7 @@ MakeClient = Callable[..., Awaitable[tuple[TestClient[Any, Any], Service]]]
 @pytest.fixture
 def make_client(aiohttp_client: Any, tmp_path: Any) -> MakeClient:
     async def make(
-        *, store: Store | None = None, handlers: list[NamedHandler] | None = None, **env: Any
+        *, store: Store | None = None, handlers: list[Subscription] | None = None, **env: Any
     ) -> tuple[TestClient[Any, Any], Service]:
         config = {"webhook_secret": FIXTURE_SECRET.decode(), "webhook_tolerance_s": 0, **env}
         settings = Settings(**config)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
+from pathlib import Path
 
 import orjson
 import pytest
 
 from consumer.codec import decode
 from consumer.sqlite_store import SQLiteStore
-from consumer.store import Cursor, Outcome, Store, TaskQuery
+from consumer.store import Cursor, Delivery, DeliveryStatus, Outcome, Store, TaskQuery
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
 
 
@@ -76,16 +78,66 @@ async def test_non_task_events_are_kept_and_touch_no_task(store: Store) -> None:
     assert (stats.events, stats.tasks) == (1, 0)
 
 
-async def test_outbox_pending_until_dispatched(store: Store) -> None:
+async def test_outbox_reads_in_order_and_cursors_persist(store: Store) -> None:
     await store.ingest(
         [decode(ev("e1", "A", "pending", 1)), decode(ev("e2", "B", "pending", 1))], "w", 1
     )
-    pending = await store.pending_changes()
-    assert [c.task_id for c in pending] == ["A", "B"]
-    await store.mark_dispatched([pending[0].seq])
-    assert [c.task_id for c in await store.pending_changes()] == ["B"]
-    assert (await store.stats()).pending_changes == 1
+    first = await store.changes_after(0)
+    assert [c.task_id for c in first] == ["A", "B"]
+    assert [c.task_id for c in await store.changes_after(first[0].seq)] == ["B"]
+    assert [c.task_id for c in await store.changes_by_seq([first[1].seq])] == ["B"]
+    assert await store.get_cursor("h") is None
+    await store.set_cursor("h", first[0].seq)
+    assert await store.get_cursor("h") == first[0].seq
+    stats = await store.stats()
+    assert (stats.changes, stats.last_change_seq) == (2, first[1].seq)
     assert [c.phase for c in await store.task_changes("A")] == ["pending"]
+
+
+async def test_updates_recorded_only_when_asked(tmp_path: Path) -> None:
+    for record_updates in (False, True):
+        store = SQLiteStore(tmp_path / f"u{record_updates}.db", record_updates=record_updates)
+        await store.open()
+        try:
+            progress = {"status_extra": {"progress": 0.5}}
+            await store.ingest(
+                [
+                    decode(ev("a", "T", "running", 1)),
+                    decode(ev("b", "T", "running", 2, **progress)),
+                ],
+                "w",
+                1,
+            )
+            kinds = [(c.kind, c.previous_phase, c.phase) for c in await store.changes_after(0)]
+            expected = [("phase", None, "running")]
+            if record_updates:
+                expected.append(("update", "running", "running"))
+            assert kinds == expected
+        finally:
+            await store.close()
+
+
+async def test_delivery_records(store: Store) -> None:
+    done = Delivery("h", 1, DeliveryStatus.DONE, 1, 10, 10)
+    dead = Delivery("h", 2, DeliveryStatus.DEAD, 3, 10, 30, "HTTP 400")
+    other = Delivery("g", 2, DeliveryStatus.DEAD, 1, 10, 10, "boom")
+    replayed = Delivery("h", 1, DeliveryStatus.DONE, 1, 50, 50, replay=True)
+    await store.record_deliveries([done, dead, other, replayed])
+    assert await store.deliveries_for("h", [1, 2, 3]) == {1: done, 2: dead}
+    assert await store.deliveries_for("h", [1], replay=True) == {1: replayed}
+    assert await store.list_deliveries([DeliveryStatus.DEAD]) == [other, dead]
+    assert await store.list_deliveries([DeliveryStatus.DEAD], "h") == [dead]
+    moved = await store.set_delivery_status(
+        DeliveryStatus.DEAD, DeliveryStatus.REDRIVE, handler="h"
+    )
+    assert moved == 1
+    assert (await store.deliveries_for("h", [2]))[2].status is DeliveryStatus.REDRIVE
+    dropped = await store.set_delivery_status(DeliveryStatus.DEAD, DeliveryStatus.DROPPED, seqs=[2])
+    assert dropped == 1  # g's; h's is no longer dead
+    assert await store.list_deliveries([DeliveryStatus.DEAD]) == []
+    # Replacing a record (a retry that later succeeded) keeps one row per key.
+    await store.record_deliveries([replace(dead, status=DeliveryStatus.DONE)])
+    assert (await store.deliveries_for("h", [2]))[2].status is DeliveryStatus.DONE
 
 
 async def test_list_filters_and_paginates(store: Store) -> None:

@@ -1,0 +1,302 @@
+"""``on()``: declare what a handler wants and how it is delivered. Pure: no I/O.
+
+A handler module writes::
+
+    @on(phase="completed", type="upload")
+    async def publish(change: PhaseChange) -> None: ...
+
+and ``publish`` is then a :class:`consumer.Subscription`, the only thing the dispatcher
+understands. Filters accept a string, an enum member (``Phase.COMPLETED``) or an iterable
+of them; an empty filter matches everything. Every argument is checked here, when the
+module is imported, so a misconfigured handler fails the service start rather than
+silently never firing.
+
+The built-in handlers build their subscriptions through :func:`subscription` so they get
+the same checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from collections.abc import Awaitable, Callable, Iterable
+from enum import Enum
+from types import EllipsisType
+from typing import Any
+
+from consumer import Handler, Phase, PhaseChange, Subscription, TaskType
+
+__all__ = [
+    "PhaseFilter",
+    "Predicate",
+    "PreviousFilter",
+    "TypeFilter",
+    "on",
+    "phase_set",
+    "previous_set",
+    "subscription",
+    "type_set",
+]
+
+PhaseFilter = str | Iterable[str] | None
+"""``"completed"``, ``Phase.COMPLETED``, ``["completed", "failed"]``; None: any."""
+PreviousFilter = str | Iterable[str | None] | None | EllipsisType
+"""Like :data:`PhaseFilter`, but None means "first sight"; ``...`` (the default): any."""
+TypeFilter = str | Iterable[str] | None
+"""``"upload"``, ``TaskType.UPLOAD``, or an iterable of them; None: any."""
+Predicate = Callable[[PhaseChange], bool]
+
+_KNOWN_PHASES = frozenset(p.value for p in Phase)
+_KNOWN_TYPES = frozenset(t.value for t in TaskType)
+
+
+def phase_set(value: PhaseFilter, *, what: str = "phase") -> frozenset[str]:
+    """The phases a filter names (empty: any phase)."""
+    return frozenset(_names(value, what, _KNOWN_PHASES, "phase"))
+
+
+def type_set(value: TypeFilter, *, what: str = "type") -> frozenset[str]:
+    """The task types a filter names (empty: any type)."""
+    return frozenset(_names(value, what, _KNOWN_TYPES, "task type"))
+
+
+def previous_set(value: PreviousFilter, *, what: str = "previous") -> frozenset[str | None]:
+    """The phases changed from (None: first sight); empty: any."""
+    if value is ...:
+        return frozenset()
+    if value is None:
+        return frozenset({None})
+    if isinstance(value, str):
+        return frozenset({_name(value, what, _KNOWN_PHASES, "phase")})
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{what}: expected a phase, None or an iterable of them, got {value!r}")
+    return frozenset(
+        None if item is None else _name(item, what, _KNOWN_PHASES, "phase") for item in value
+    )
+
+
+def _names(
+    value: str | Iterable[str] | None, what: str, known: frozenset[str], noun: str
+) -> set[str]:
+    if value is None:
+        return set()
+    if isinstance(value, str):
+        return {_name(value, what, known, noun)}
+    if not isinstance(value, Iterable):
+        raise TypeError(f"{what}: expected a {noun}, or an iterable of them, got {value!r}")
+    return {_name(item, what, known, noun) for item in value}
+
+
+def _name(item: object, what: str, known: frozenset[str], noun: str) -> str:
+    if not isinstance(item, str):
+        raise TypeError(f"{what}: expected a {noun} name (str), got {item!r}")
+    # Phase and TaskType are StrEnums: keep the plain value so filters compare as strings.
+    name = item.value if isinstance(item, Enum) else str(item)
+    if not name.strip():
+        raise ValueError(f"{what}: an empty {noun} name never matches")
+    if name not in known:
+        # Livepeer adds values over time, so an unknown name is allowed; but it is far more
+        # often a typo ("complete"), which would otherwise never fire and never say why.
+        warnings.warn(
+            f"{what}: {name!r} is not a known {noun} ({', '.join(sorted(known))}); "
+            "it will only match if Livepeer sends exactly that value",
+            UserWarning,
+            stacklevel=_outside_this_module(),
+        )
+    return name
+
+
+def _outside_this_module() -> int:
+    # The warning should point at the user's @on(...) line, however many helper frames
+    # (comprehensions included) lie between it and here.
+    level = 1
+    frame = inspect.currentframe()
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    # This helper's own frame counted as one level more than warnings.warn's caller.
+    return level - 1
+
+
+def _check_where(where: object) -> None:
+    if where is None:
+        return
+    if not callable(where):
+        raise TypeError(f"where must be a callable taking the change, got {where!r}")
+    if _is_async(where):
+        # The dispatcher calls it synchronously; a coroutine object would always be truthy.
+        raise TypeError("where must be a plain (not async) function returning a bool")
+
+
+def _check_policy(
+    *,
+    concurrency: int,
+    timeout_s: float,
+    max_attempts: int,
+    max_age_s: float,
+    backoff_s: float,
+    max_backoff_s: float,
+) -> None:
+    for label, count in (("concurrency", concurrency), ("max_attempts", max_attempts)):
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"{label} must be an int, got {count!r}")
+        if count < 1:
+            raise ValueError(f"{label} must be at least 1, got {count}")
+    for label, seconds in (("timeout_s", timeout_s), ("max_age_s", max_age_s)):
+        if not _is_seconds(seconds) or seconds <= 0:
+            raise ValueError(f"{label} must be a positive number of seconds, got {seconds!r}")
+    for label, seconds in (("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
+        if not _is_seconds(seconds) or seconds < 0:
+            raise ValueError(f"{label} must be a number of seconds >= 0, got {seconds!r}")
+    if max_backoff_s < backoff_s:
+        raise ValueError(f"max_backoff_s ({max_backoff_s}) is below backoff_s ({backoff_s})")
+
+
+def _is_seconds(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _is_async(fn: object) -> bool:
+    # An object with ``async def __call__`` is as good as an async function.
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 -- wants an async __call__, not callability
+    )
+
+
+def _default_name(fn: object) -> str:
+    module = getattr(fn, "__module__", None) or "?"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}:{qualname}"
+
+
+def subscription(
+    fn: Handler,
+    *,
+    name: str,
+    phases: frozenset[str] = frozenset(),
+    previous: frozenset[str | None] = frozenset(),
+    types: frozenset[str] = frozenset(),
+    where: Predicate | None = None,
+    updates: bool = False,
+    concurrency: int = 8,
+    timeout_s: float = 30.0,
+    max_attempts: int = 8,
+    max_age_s: float = 86400.0,
+    backoff_s: float = 0.5,
+    max_backoff_s: float = 300.0,
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Subscription:
+    """A checked :class:`consumer.Subscription` (filters already normalized)."""
+    if not _is_async(fn):
+        raise TypeError(
+            f"handler {name!r} must be an async function (async def), got {fn!r}: "
+            "the dispatcher awaits it"
+        )
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"a handler name must be a non-empty string, got {name!r}")
+    _check_where(where)
+    if not isinstance(updates, bool):
+        raise TypeError(f"updates must be True or False, got {updates!r}")
+    _check_policy(
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        max_attempts=max_attempts,
+        max_age_s=max_age_s,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+    )
+    for label, hook in (("on_start", on_start), ("on_stop", on_stop)):
+        if hook is not None and not _is_async(hook):
+            raise TypeError(f"{label} must be an async function taking no argument")
+    return Subscription(
+        name=name,
+        fn=fn,
+        phases=phases,
+        previous=previous,
+        types=types,
+        where=where,
+        updates=updates,
+        concurrency=concurrency,
+        timeout_s=float(timeout_s),
+        max_attempts=max_attempts,
+        backoff_s=float(backoff_s),
+        max_backoff_s=float(max_backoff_s),
+        max_age_s=float(max_age_s),
+        on_start=on_start,
+        on_stop=on_stop,
+        extra=dict(extra or {}),
+    )
+
+
+def on(
+    phase: PhaseFilter = None,
+    *,
+    previous: PreviousFilter = ...,
+    type: TypeFilter = None,  # the domain word; shadows builtins.type, unused in here
+    where: Predicate | None = None,
+    updates: bool = False,
+    name: str | None = None,
+    concurrency: int = 8,
+    timeout_s: float = 30.0,
+    max_attempts: int = 8,
+    max_age_s: float = 86400.0,
+    backoff_s: float = 0.5,
+    max_backoff_s: float = 300.0,
+) -> Callable[[Handler], Subscription]:
+    """Turn ``async def f(change)`` into a :class:`consumer.Subscription`.
+
+    ``phase``: the phases changed to; ``previous``: the phases changed from (None: first
+    sight of the task; default: any); ``type``: task types; ``where``: a predicate on the
+    change, checked after the other filters; ``updates``: also receive changes that are
+    not phase changes (progress, output...). ``name`` defaults to ``module:qualname`` and
+    identifies the handler in delivery records and logs, so keep it stable.
+
+    Delivery: at most ``concurrency`` calls at once, each cancelled after ``timeout_s``;
+    an exception is retried with exponential backoff from ``backoff_s`` up to
+    ``max_backoff_s``, at most ``max_attempts`` times within ``max_age_s``; raise
+    :class:`consumer.PermanentError` to give up at once.
+    """
+    if callable(phase) and not isinstance(phase, str | Iterable):
+        raise TypeError(
+            "on() takes filters, not the handler: write @on() or @on(phase=...), with parentheses"
+        )
+    phases = phase_set(phase)
+    previous_phases = previous_set(previous)
+    types = type_set(type)
+    policy: dict[str, Any] = {
+        "concurrency": concurrency,
+        "timeout_s": timeout_s,
+        "max_attempts": max_attempts,
+        "max_age_s": max_age_s,
+        "backoff_s": backoff_s,
+        "max_backoff_s": max_backoff_s,
+    }
+    # Checked now, at import of the handler module, not when the decorator is applied.
+    _check_policy(**policy)
+    _check_where(where)
+    if not isinstance(updates, bool):
+        raise TypeError(f"updates must be True or False, got {updates!r}")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+
+    def decorate(fn: Handler) -> Subscription:
+        if not _is_async(fn):
+            raise TypeError(
+                f"@on(...) needs an async function (async def ...), got {fn!r}: "
+                "the dispatcher awaits each call"
+            )
+        return subscription(
+            fn,
+            name=name or _default_name(fn),
+            phases=phases,
+            previous=previous_phases,
+            types=types,
+            where=where,
+            updates=updates,
+            **policy,
+        )
+
+    return decorate
