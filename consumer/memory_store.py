@@ -41,6 +41,7 @@ class MemoryStore:
         self._cursors: dict[str, int] = {}
         self._seq = 0
         self._leases: dict[str, tuple[str, int]] = {}
+        self._meta: dict[str, str] = {}
 
     async def open(self) -> None:
         return None
@@ -120,6 +121,21 @@ class MemoryStore:
 
     async def task_history(self, task_id: str) -> list[HistoryEntry]:
         return list(self._by_task.get(task_id, []))
+
+    async def history_after(
+        self, seq: int, limit: int = 1000, *, task_id: str | None = None
+    ) -> list[HistoryEntry]:
+        source = self._by_task.get(task_id, []) if task_id is not None else self._events.values()
+        return sorted((e for e in source if e.seq > seq), key=lambda e: e.seq)[:limit]
+
+    async def get_meta(self, key: str) -> str | None:
+        return self._meta.get(key)
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._meta.pop(key, None)
+        else:
+            self._meta[key] = value
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
         return [c for c in self._changes if c.task_id == task_id]

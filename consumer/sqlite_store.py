@@ -98,6 +98,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_attention ON deliveries (status, seq)
     WHERE status IN ('dead', 'redrive', 'failing');
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS cursors (
     handler TEXT    PRIMARY KEY,
     seq     INTEGER NOT NULL
@@ -404,15 +408,39 @@ class SQLiteStore:
         return TaskPage(tasks, cursor)
 
     async def task_history(self, task_id: str) -> list[HistoryEntry]:
-        rows = await self._read(
-            "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw"
-            " FROM events WHERE task_id = ? ORDER BY seq",
-            (task_id,),
+        return await self.history_after(0, 1_000_000, task_id=task_id)
+
+    async def history_after(
+        self, seq: int, limit: int = 1000, *, task_id: str | None = None
+    ) -> list[HistoryEntry]:
+        where, params = (
+            ("seq > ?", [seq]) if task_id is None else ("task_id = ? AND seq > ?", [task_id, seq])
         )
+        sql = (
+            "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw"  # noqa: S608
+            f" FROM events WHERE {where} ORDER BY seq LIMIT ?"
+        )
+        rows = await self._read(sql, [*params, limit])
         return [
             HistoryEntry(seq, eid, kind, EventFormat(fmt), src, rcv, created, tid, bytes(raw))
             for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
         ]
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            await self._write(lambda con: con.execute("DELETE FROM meta WHERE key = ?", (key,)))
+        else:
+            await self._write(
+                lambda con: con.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    (key, value),
+                )
+            )
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
         rows = await self._read(f"{_CHANGE_COLUMNS} WHERE task_id = ? ORDER BY seq", (task_id,))

@@ -301,6 +301,20 @@ class Store(Protocol):
 
     async def task_history(self, task_id: str) -> list[HistoryEntry]: ...
 
+    async def history_after(
+        self, seq: int, limit: int = 1000, *, task_id: str | None = None
+    ) -> list[HistoryEntry]:
+        """The history in arrival order (``seq``) past ``seq``, optionally of one task."""
+        ...
+
+    async def get_meta(self, key: str) -> str | None:
+        """A small persistent key-value note (replay checkpoints and the like)."""
+        ...
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Set or (``None``) delete a note."""
+        ...
+
     async def task_changes(self, task_id: str) -> list[ChangeRecord]: ...
 
     async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
