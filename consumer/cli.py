@@ -20,11 +20,11 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from consumer.secrets import redact
+from consumer.secrets import redact, redact_text
 from consumer.service import open_store, serve
 from consumer.settings import Settings
 from consumer.signature import sign
-from consumer.store import TaskQuery
+from consumer.store import DeliveryStatus, TaskQuery
 from consumer.times import parse_time
 
 __all__ = ["main"]
@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--limit", type=int, default=100)
     lst.add_argument("--json", action="store_true", help="one JSON task per line")
 
+    dead = sub.add_parser("dead-letters", help="deliveries that failed for good")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True)
+    dl_list = dead_sub.add_parser("list", help="list dead letters")
+    dl_list.add_argument("--handler")
+    dl_list.add_argument("--limit", type=int, default=100)
+    dl_list.add_argument("--json", action="store_true", help="one JSON object per line")
+    for verb, text in (("retry", "deliver again (attempts start over)"), ("drop", "give up")):
+        p = dead_sub.add_parser(verb, help=text)
+        p.add_argument("seqs", nargs="*", type=int, help="change seqs (see list)")
+        p.add_argument("--handler")
+        p.add_argument("--all", action="store_true", help="every dead letter (of --handler)")
+
     send = sub.add_parser("send", help="POST a deliveries file to a webhook endpoint")
     send.add_argument("file", type=Path, help='JSONL: {"signature": ..., "body": ...} per line')
     send.add_argument("--url", default="http://127.0.0.1:8080/webhooks/livepeer")
@@ -86,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "tasks":
         return asyncio.run(_tasks(settings, args))
+    if args.command == "dead-letters":
+        return asyncio.run(_dead_letters(settings, args))
     return asyncio.run(_send(args))
 
 
@@ -114,6 +128,45 @@ async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
                     f"{task['id']}  {task.get('type', '?'):<15} {stored.phase:<10}"
                     f" {stored.updated_at}"
                 )
+        return 0
+    finally:
+        await store.close()
+
+
+async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    store = open_store(settings)
+    await store.open()
+    try:
+        if args.dead_command == "list":
+            dead = await store.list_deliveries([DeliveryStatus.DEAD], args.handler, args.limit)
+            changes = {c.seq: c for c in await store.changes_by_seq([d.seq for d in dead])}
+            for d in dead:
+                change = changes.get(d.seq)
+                row = {
+                    "handler": d.handler,
+                    "seq": d.seq,
+                    "attempts": d.attempts,
+                    "taskId": change.task_id if change else None,
+                    "change": f"{change.previous_phase} -> {change.phase}" if change else None,
+                    "error": redact_text(d.error or ""),
+                }
+                if args.json:
+                    print(orjson.dumps(row).decode())
+                else:
+                    print(
+                        f"{d.seq:>8}  {d.handler:<30} {row['taskId']}  {row['change']}"
+                        f"  x{d.attempts}  {row['error']}"
+                    )
+            return 0
+        if not args.seqs and not args.all:
+            print("phasewatch: name the seqs to act on, or pass --all", file=sys.stderr)
+            return 2
+        to = DeliveryStatus.REDRIVE if args.dead_command == "retry" else DeliveryStatus.DROPPED
+        moved = await store.set_delivery_status(
+            DeliveryStatus.DEAD, to, handler=args.handler, seqs=args.seqs or None
+        )
+        verb = "queued for retry" if to is DeliveryStatus.REDRIVE else "dropped"
+        print(f"{moved} dead letter(s) {verb}")
         return 0
     finally:
         await store.close()

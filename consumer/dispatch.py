@@ -177,7 +177,12 @@ class Dispatcher:
                 # ingestion starts, so nothing committed after this is skipped.
                 await self._store.set_cursor(lane.sub.name, last)
             if lane.sub.on_start is not None:
-                await lane.sub.on_start()
+                try:
+                    await lane.sub.on_start()
+                except Exception:
+                    # e.g. a broker down at start: the handler's calls fail and are retried
+                    # like any delivery; the service itself must still come up.
+                    log.exception("handler %s failed to start", lane.sub.name)
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="dispatch")
 

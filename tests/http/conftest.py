@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from consumer.loading import load_subscriptions
 from consumer.service import Service
 from consumer.settings import Settings
 from consumer.sqlite_store import SQLiteStore
@@ -27,7 +28,9 @@ def make_client(aiohttp_client: Any, tmp_path: Any) -> MakeClient:
     ) -> tuple[TestClient[Any, Any], Service]:
         config = {"webhook_secret": FIXTURE_SECRET.decode(), "webhook_tolerance_s": 0, **env}
         settings = Settings(**config)
-        service = Service(settings, store or SQLiteStore(tmp_path / "pw.db"), handlers or [])
+        if handlers is None:  # as `serve` would: PHASEWATCH_HANDLERS and the built-ins
+            handlers = load_subscriptions(settings.handler_refs(), settings)
+        service = Service(settings, store or SQLiteStore(tmp_path / "pw.db"), handlers)
         client = await aiohttp_client(service.app)
         return client, service
 
