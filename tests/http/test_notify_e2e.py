@@ -6,16 +6,27 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 
 from handlers import verify_notification
-from tests.handlers.conftest import Answer, Receiver, receiver  # noqa: F401 - fixture
+from tests.handlers.conftest import Answer, Receiver
 from tests.http.conftest import PATH, MakeClient
 from tests.support import snapshot, webhook_body
 
 SECRET = "whsec_" + base64.b64encode(b"receiver-shared-secret").decode()
+
+
+@pytest.fixture
+async def notified() -> AsyncIterator[Receiver]:
+    """The notifier tests' real HTTP receiver, for this in-process service."""
+    server = Receiver()
+    await server.start()
+    yield server
+    await server.stop()
 
 
 async def wait_until(predicate: Any, timeout: float = 30) -> None:
@@ -26,8 +37,9 @@ async def wait_until(predicate: Any, timeout: float = 30) -> None:
 
 
 async def test_notifications_retry_dead_letter_and_redrive(
-    make_client: MakeClient, receiver: Receiver
+    make_client: MakeClient, notified: Receiver
 ) -> None:
+    receiver = notified
     client, service = await make_client(
         webhook_secret=None,
         notify_url=receiver.url("/hook"),
