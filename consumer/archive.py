@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -247,10 +246,11 @@ async def import_archive(
             report.interrupted = True
             break
     else:
-        if batch or batch_rejected or batch_end > report.lines_done:
-            report.interrupted = await flush()
-        if not report.interrupted:
-            await store.set_meta(key, None)  # done: a later import of this file starts over
+        if batch_end > report.lines_done:
+            # A stop asked for during the last batch has nothing left to stop: the file
+            # is in, so it counts as complete.
+            await flush()
+        await store.set_meta(key, None)  # done: a later import of this file starts over
     report.elapsed_s = time.monotonic() - started
     return report
 
@@ -317,12 +317,13 @@ async def export_archive(
     started = time.monotonic()
     report = ExportReport()
     total = None if task_id is not None else (await store.stats()).events
-    seq = 0
+    seq = pages = 0
     while True:
         entries = await store.history_after(seq, page_size, task_id=task_id)
         if not entries:
             break
         seq = entries[-1].seq
+        pages += 1
         report.scanned += len(entries)
         chunk = [
             archive_line(entry, sign_secret)
@@ -337,19 +338,12 @@ async def export_archive(
         stopping = stop is not None and stop.is_set()
         if on_batch is not None:
             try:
-                on_batch(report.scanned // page_size + 1)
+                on_batch(pages)
             except KeyboardInterrupt:
                 stopping = True
         if stopping:
             report.interrupted = True
             break
     out.flush()
-    if not report.interrupted and out.fileno() >= 0:
-        # The archive is the copy that outlives the store: make it durable before saying
-        # it is complete. Streams without a file (pipes' buffers) just skip this.
-        try:
-            os.fsync(out.fileno())
-        except OSError:
-            pass
     report.elapsed_s = time.monotonic() - started
     return report

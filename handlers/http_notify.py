@@ -3,8 +3,9 @@
 The body is the change's :meth:`~consumer.PhaseChange.summary` as compact JSON: the
 change and a task summary, credentials already hidden (spec §1); task params, where
 credentials live, are never sent. Requests are signed as Standard Webhooks
-(:mod:`handlers.signing`); ``webhook-id`` is ``<name>:<seq>`` (``:replay`` appended for
-``phasewatch replay handlers``), the same on every retry so the receiver can deduplicate,
+(:mod:`handlers.signing`); ``webhook-id`` is ``<name>:<seq>``
+(``<name>:replay:<task>:<event>:<phase>`` for ``phasewatch replay handlers``), the same
+on every retry so the receiver can deduplicate,
 and ``webhook-attempt`` counts deliveries of that id.
 
 How a response is judged, so that the dispatcher retries only what retrying can fix:
@@ -95,7 +96,12 @@ class _Notifier:
             await self.start()
         assert self._session is not None  # for mypy: start() sets it
         body = orjson.dumps(change.summary())
-        msg_id = f"{self._name}:{change.seq}" + (":replay" if change.replay else "")
+        # A replayed change may have no outbox seq of its own: name it by what it is.
+        msg_id = (
+            f"{self._name}:replay:{change.task_id}:{change.event_id}:{change.phase}"
+            if change.replay
+            else f"{self._name}:{change.seq}"
+        )
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
