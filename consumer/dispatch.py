@@ -35,14 +35,14 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from consumer.store import ChangeRecord, Delivery, DeliveryStatus, Store
 from consumer.subscription import PermanentError, PhaseChange, Subscription
 
-__all__ = ["Dispatcher", "LaneStats"]
+__all__ = ["Dispatcher", "LaneStats", "call_with_retries"]
 
 log = logging.getLogger(__name__)
 
@@ -392,44 +392,32 @@ class Dispatcher:
         if sub.where is not None and not _safe_where(sub, change):
             lane.stats.filtered += 1
             return
-        while True:
-            attempts += 1
-            attempt_change = change if attempts == 1 else _with_attempt(change, attempts)
-            try:
-                async with lane.slots:
-                    lane.stats.in_flight += 1
-                    try:
-                        await asyncio.wait_for(sub.fn(attempt_change), sub.timeout_s)
-                    finally:
-                        lane.stats.in_flight -= 1
-            except PermanentError as exc:
-                await self._record(
-                    lane, item, DeliveryStatus.DEAD, attempts, first=first, error=_describe(exc)
-                )
-                return
-            except Exception as exc:  # any failure of user code is retried, never fatal
-                lane.stats.failures += 1
-                error = _describe(exc)
-                age_s = (now_ms() - first) / 1000
-                if attempts >= sub.max_attempts or age_s >= sub.max_age_s:
-                    await self._record(
-                        lane, item, DeliveryStatus.DEAD, attempts, first=first, error=error
-                    )
-                    return
-                log.warning(
-                    "handler %s failed on change %d (attempt %d): %s",
-                    sub.name,
-                    record.seq,
-                    attempts,
-                    error,
-                )
-                await self._record(
-                    lane, item, DeliveryStatus.FAILING, attempts, first=first, error=error
-                )
-                await asyncio.sleep(_backoff(sub, attempts))
-                continue
-            await self._record(lane, item, DeliveryStatus.DONE, attempts, first=first, error=None)
-            return
+
+        async def failed(attempt: int, error: str) -> None:
+            lane.stats.failures += 1
+            log.warning(
+                "handler %s failed on change %d (attempt %d): %s",
+                sub.name,
+                record.seq,
+                attempt,
+                error,
+            )
+            await self._record(
+                lane, item, DeliveryStatus.FAILING, attempt, first=first, error=error
+            )
+
+        async def call(c: PhaseChange) -> None:
+            async with lane.slots:
+                lane.stats.in_flight += 1
+                try:
+                    await asyncio.wait_for(sub.fn(c), sub.timeout_s)
+                finally:
+                    lane.stats.in_flight -= 1
+
+        status, attempts, error = await call_with_retries(
+            sub, change, call, attempts=attempts, first=first, on_failure=failed
+        )
+        await self._record(lane, item, status, attempts, first=first, error=error)
 
     async def _record(
         self,
@@ -461,6 +449,35 @@ class Dispatcher:
                 attempts,
                 error,
             )
+
+
+async def call_with_retries(
+    sub: Subscription,
+    change: PhaseChange,
+    call: Callable[[PhaseChange], Awaitable[None]],
+    *,
+    attempts: int = 0,
+    first: int,
+    on_failure: Callable[[int, str], Awaitable[None]],
+) -> tuple[DeliveryStatus, int, str | None]:
+    """The delivery policy, shared by live dispatch and replays: call until the handler
+    returns (DONE), raises PermanentError (DEAD), or runs out of attempts or age (DEAD),
+    sleeping a jittered exponential backoff between failures. ``attempts`` already made
+    (a restart mid-retry) count. Returns (status, attempts made, last error)."""
+    while True:
+        attempts += 1
+        try:
+            await call(change if attempts == 1 else _with_attempt(change, attempts))
+        except PermanentError as exc:
+            return DeliveryStatus.DEAD, attempts, _describe(exc)
+        except Exception as exc:  # any failure of user code is retried, never fatal
+            error = _describe(exc)
+            if attempts >= sub.max_attempts or (now_ms() - first) / 1000 >= sub.max_age_s:
+                return DeliveryStatus.DEAD, attempts, error
+            await on_failure(attempts, error)
+            await asyncio.sleep(_backoff(sub, attempts))
+            continue
+        return DeliveryStatus.DONE, attempts, None
 
 
 def _backoff(sub: Subscription, attempts: int) -> float:

@@ -7,10 +7,10 @@ durability. Nothing survives the process.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from consumer.codec import Event
+from consumer.codec import Event, decode
 from consumer.fold import TaskState
 from consumer.store import (
     ChangeRecord,
@@ -42,6 +42,7 @@ class MemoryStore:
         self._seq = 0
         self._leases: dict[str, tuple[str, int]] = {}
         self._meta: dict[str, str] = {}
+        self._staged: dict[str, TaskState] = {}
 
     async def open(self) -> None:
         return None
@@ -128,6 +129,31 @@ class MemoryStore:
         source = self._by_task.get(task_id, []) if task_id is not None else self._events.values()
         return sorted((e for e in source if e.seq > seq), key=lambda e: e.seq)[:limit]
 
+    async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
+        return sorted(t for t in self._by_task if after is None or t > after)[:limit]
+
+    async def history_of_tasks(self, task_ids: Sequence[str], upto_seq: int) -> list[HistoryEntry]:
+        return [e for t in sorted(task_ids) for e in self._by_task.get(t, []) if e.seq <= upto_seq]
+
+    async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
+        self._staged.update(states)
+
+    async def swap_rebuilt(self, upto_seq: int) -> int:
+        late = [decode(e.raw) for e in self._events.values() if e.seq > upto_seq and e.task_id]
+        touched = {e.task_id for e in late if e.task_id is not None}
+        plan = plan_batch(late, (), {t: self._staged[t] for t in touched if t in self._staged})
+        self._staged.update(plan.states)
+        for task_id, state in self._staged.items():
+            old = self._states.get(task_id)
+            version = self._versions.get(task_id, 0)
+            self._versions[task_id] = version + (old is None or old.task != state.task)
+        self._states = dict(self._staged)
+        self._staged = {}
+        return len(self._states)
+
+    async def discard_rebuilt(self) -> None:
+        self._staged = {}
+
     async def get_meta(self, key: str) -> str | None:
         return self._meta.get(key)
 
@@ -208,7 +234,7 @@ class MemoryStore:
 
     async def stats(self) -> StoreStats:
         n = len(self._changes)
-        return StoreStats(len(self._events), len(self._states), n, n)
+        return StoreStats(len(self._events), len(self._states), n, n, self._seq)
 
 
 def _matches(state: TaskState, query: TaskQuery) -> bool:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import orjson
 
-from consumer.codec import Event, EventFormat
+from consumer.codec import Event, EventFormat, decode
 from consumer.fold import TaskState
 from consumer.store import (
     ChangeRecord,
@@ -98,6 +98,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS deliveries_attention ON deliveries (status, seq)
     WHERE status IN ('dead', 'redrive', 'failing');
+CREATE TABLE IF NOT EXISTS tasks_rebuild (
+    id         TEXT    PRIMARY KEY,
+    type       TEXT,
+    phase      TEXT    NOT NULL,
+    updated_at NUMERIC NOT NULL,
+    doc        BLOB    NOT NULL,
+    keys       BLOB    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -426,6 +434,87 @@ class SQLiteStore:
             for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
         ]
 
+    async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
+        rows = await self._read(
+            "SELECT DISTINCT task_id FROM events WHERE task_id IS NOT NULL AND task_id > ?"
+            " ORDER BY task_id LIMIT ?",
+            (after or "", limit),
+        )
+        return [row[0] for row in rows]
+
+    async def history_of_tasks(self, task_ids: Sequence[str], upto_seq: int) -> list[HistoryEntry]:
+        def run() -> list[Any]:
+            sql = (
+                "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id,"
+                " raw FROM events WHERE task_id IN ({}) AND seq <= ?"
+            )
+            out: list[Any] = []
+            for start in range(0, len(task_ids), _CHUNK):
+                chunk = list(task_ids[start : start + _CHUNK])
+                marks = ",".join("?" * len(chunk))
+                out.extend(self._r().execute(sql.format(marks), [*chunk, upto_seq]).fetchall())
+            return out
+
+        rows = await self._run(self._reader, run)
+        entries = [
+            HistoryEntry(seq, eid, kind, EventFormat(fmt), src, rcv, created, tid, bytes(raw))
+            for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
+        ]
+        entries.sort(key=lambda e: (e.task_id or "", e.seq))
+        return entries
+
+    async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
+        rows = [_task_row(task_id, s) for task_id, s in states.items()]
+        await self._write(
+            lambda con: con.executemany(
+                "INSERT OR REPLACE INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        )
+
+    async def swap_rebuilt(self, upto_seq: int) -> int:
+        def run(con: sqlite3.Connection) -> int:
+            # Events that arrived while the rebuild ran were folded into the live view, not
+            # into the staged one: fold them in now, under the write lock, then swap.
+            late = [
+                decode(bytes(raw))
+                for (raw,) in con.execute(
+                    "SELECT raw FROM events WHERE seq > ? AND task_id IS NOT NULL ORDER BY seq",
+                    (upto_seq,),
+                )
+            ]
+            touched = list({e.task_id for e in late if e.task_id is not None})
+            staged = {
+                task_id: TaskState(orjson.loads(doc), decode_keys(keys))
+                for task_id, doc, keys in _select_in(
+                    con, "SELECT id, doc, keys FROM tasks_rebuild WHERE id IN ({})", touched
+                )
+            }
+            plan = plan_batch(late, (), staged)
+            con.executemany(
+                "INSERT OR REPLACE INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [_task_row(task_id, s) for task_id, s in plan.states.items()],
+            )
+            con.execute("DELETE FROM tasks WHERE id NOT IN (SELECT id FROM tasks_rebuild)")
+            con.execute(
+                "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
+                " SELECT id, type, phase, updated_at, 0, doc, keys FROM tasks_rebuild WHERE true"
+                " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
+                " updated_at = excluded.updated_at,"
+                " version = tasks.version + (tasks.doc IS NOT excluded.doc),"
+                " doc = excluded.doc, keys = excluded.keys"
+            )
+            con.execute("DELETE FROM tasks_rebuild")
+            (count,) = con.execute("SELECT count(*) FROM tasks").fetchone()
+            return int(count)
+
+        return await self._write(run)
+
+    async def discard_rebuilt(self) -> None:
+        await self._write(lambda con: con.execute("DELETE FROM tasks_rebuild"))
+
     async def get_meta(self, key: str) -> str | None:
         rows = await self._read("SELECT value FROM meta WHERE key = ?", (key,))
         return str(rows[0][0]) if rows else None
@@ -496,10 +585,11 @@ class SQLiteStore:
     async def stats(self) -> StoreStats:
         rows = await self._read(
             "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),"
-            " (SELECT count(*) FROM changes), (SELECT coalesce(max(seq), 0) FROM changes)"
+            " (SELECT count(*) FROM changes), (SELECT coalesce(max(seq), 0) FROM changes),"
+            " (SELECT coalesce(max(seq), 0) FROM events)"
         )
-        events, tasks, changes, last = rows[0]
-        return StoreStats(events, tasks, changes, last)
+        events, tasks, changes, last, last_event = rows[0]
+        return StoreStats(events, tasks, changes, last, last_event)
 
 
 _CHANGE_COLUMNS = (
@@ -534,6 +624,17 @@ def _select_in(con: sqlite3.Connection, sql: str, values: Sequence[str | int]) -
         chunk = values[start : start + _CHUNK]
         rows.extend(con.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
     return rows
+
+
+def _task_row(task_id: str, state: TaskState) -> tuple[Any, ...]:
+    return (
+        task_id,
+        _text_or_none(state.task.get("type")),
+        state.phase,
+        state.updated_at,
+        orjson.dumps(state.task),
+        encode_keys(state.keys),
+    )
 
 
 def _text_or_none(value: Any) -> str | None:

@@ -188,6 +188,7 @@ class StoreStats:
     tasks: int
     changes: int
     last_change_seq: int
+    last_event_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +307,25 @@ class Store(Protocol):
     ) -> list[HistoryEntry]:
         """The history in arrival order (``seq``) past ``seq``, optionally of one task."""
         ...
+
+    async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
+        """Ids of tasks that have history, in id order, past ``after``."""
+        ...
+
+    async def history_of_tasks(self, task_ids: Sequence[str], upto_seq: int) -> list[HistoryEntry]:
+        """Those tasks' events with ``seq <= upto_seq``, by task then seq."""
+        ...
+
+    async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
+        """Keep rebuilt task states aside (not visible) until :meth:`swap_rebuilt`."""
+        ...
+
+    async def swap_rebuilt(self, upto_seq: int) -> int:
+        """Atomically replace the view with the staged states, after folding into them the
+        events that arrived past ``upto_seq`` meanwhile. Returns the view's task count."""
+        ...
+
+    async def discard_rebuilt(self) -> None: ...
 
     async def get_meta(self, key: str) -> str | None:
         """A small persistent key-value note (replay checkpoints and the like)."""

@@ -1,0 +1,306 @@
+"""Replays over the stored history: rebuild the view, and re-run handlers over a window.
+
+Both read the history task by task (a few hundred tasks at a time, so memory stays flat
+whatever the history's size) and run the same fold as live ingestion.
+
+**Rebuild** folds every task's history into a staged view and swaps it in atomically,
+after folding in whatever arrived meanwhile; ``check`` compares instead of swapping. It
+fires no handlers. Interrupted, it keeps what it staged and a checkpoint; run again, it
+continues from there.
+
+**Replay handlers** computes the phase changes of the window from the *ordered* history
+(each task's snapshots in fold order, as if they had arrived in order), and delivers
+them to the chosen handlers marked ``replay=True``, with the same retry policy as live
+dispatch. Replayed deliveries are recorded apart from live ones (``replay`` records), so
+they neither suppress nor duplicate live deliveries. Interrupted, a re-run with the same
+arguments continues after the last change it finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from consumer.codec import DecodeError, Event, decode
+from consumer.dispatch import call_with_retries, now_ms
+from consumer.fold import TaskState, apply, event_key
+from consumer.store import Delivery, DeliveryStatus, HistoryEntry, Store
+from consumer.subscription import PhaseChange, Subscription
+
+__all__ = [
+    "Interrupted",
+    "RebuildReport",
+    "ReplayChange",
+    "ReplayReport",
+    "rebuild",
+    "replay_changes",
+    "replay_handlers",
+    "run_key",
+]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+"""``progress(done, total)``; total may be unknown (None)."""
+
+
+class Interrupted(Exception):
+    """Stopped on request; a checkpoint was saved and a re-run continues from it."""
+
+
+@dataclass(slots=True)
+class RebuildReport:
+    tasks: int = 0
+    events: int = 0
+    undecodable: int = 0
+    resumed: bool = False
+    missing: list[str] = field(default_factory=list)  # --check: rebuilt, not in the view
+    different: list[str] = field(default_factory=list)  # --check: differs from the view
+    extra: int = 0  # --check: in the view, without history
+
+
+def _fold_entries(entries: Sequence[HistoryEntry]) -> tuple[dict[str, list[Event]], int]:
+    by_task: dict[str, list[Event]] = {}
+    bad = 0
+    for entry in entries:
+        try:
+            event = decode(entry.raw)
+        except DecodeError:
+            bad += 1  # accepted once, so this means the codec changed: counted, not fatal
+            continue
+        if event.task_id is not None:
+            by_task.setdefault(event.task_id, []).append(event)
+    return by_task, bad
+
+
+def _fold_task(events: Sequence[Event]) -> TaskState | None:
+    state: TaskState | None = None
+    for event in events:
+        state = apply(state, event).state
+    return state
+
+
+async def rebuild(
+    store: Store,
+    *,
+    check: bool = False,
+    batch_tasks: int = 500,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RebuildReport:
+    report = RebuildReport()
+    stats = await store.stats()
+    saved = None if check else await store.get_meta("rebuild")
+    if saved:
+        point = orjson.loads(saved)
+        upto, after, report.tasks = int(point["upto"]), point["after"], int(point["tasks"])
+        report.resumed = True
+    else:
+        upto, after = stats.last_event_seq, None
+        if not check:
+            await store.discard_rebuilt()
+    while True:
+        ids = await store.task_ids_after(after, batch_tasks)
+        if not ids:
+            break
+        entries = await store.history_of_tasks(ids, upto)
+        report.events += len(entries)
+        by_task, bad = _fold_entries(entries)
+        report.undecodable += bad
+        states = {t: s for t, evs in by_task.items() if (s := _fold_task(evs)) is not None}
+        if check:
+            await _compare(store, states, report)
+        else:
+            await store.stage_rebuilt(states)
+        report.tasks += len(states)
+        after = ids[-1]
+        if not check:
+            await store.set_meta(
+                "rebuild",
+                orjson.dumps({"upto": upto, "after": after, "tasks": report.tasks}).decode(),
+            )
+        if progress is not None:
+            progress(report.tasks, stats.tasks)
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"rebuild stopped after {report.tasks} tasks")
+    if check:
+        report.extra = max(0, stats.tasks - (report.tasks - len(report.missing)))
+    else:
+        await store.swap_rebuilt(upto)
+        await store.set_meta("rebuild", None)
+    return report
+
+
+async def _compare(store: Store, states: dict[str, TaskState], report: RebuildReport) -> None:
+    for task_id, state in states.items():
+        live = await store.get_task(task_id)
+        if live is None:
+            report.missing.append(task_id)
+        elif live.task != state.task:
+            report.different.append(task_id)
+
+
+# ---------------------------------------------------------------- replay handlers
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayChange:
+    """A phase change as the ordered history has it."""
+
+    task_id: str
+    event_id: str
+    previous_phase: str | None
+    phase: str
+    changed_at: int | float
+    task: dict[str, Any]
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.changed_at, self.task_id, self.event_id)
+
+
+async def replay_changes(
+    store: Store,
+    *,
+    since: int | float,
+    until: int | float | None = None,
+    task_id: str | None = None,
+    phases: Sequence[str] = (),
+    batch_tasks: int = 500,
+) -> list[ReplayChange]:
+    """Phase changes with ``since <= changed_at < until`` from the ordered history, in
+    ``(changed_at, task, event)`` order."""
+    upto = (await store.stats()).last_event_seq
+    found: list[ReplayChange] = []
+    after: str | None = None
+    while True:
+        ids = [task_id] if task_id is not None else await store.task_ids_after(after, batch_tasks)
+        if not ids:
+            break
+        by_task, _ = _fold_entries(await store.history_of_tasks(ids, upto))
+        for tid, events in by_task.items():
+            state: TaskState | None = None
+            for event in sorted(events, key=event_key):
+                applied = apply(state, event)
+                state = applied.state
+                moved = applied.transition
+                if moved is None or not since <= state.updated_at:
+                    continue
+                if until is not None and state.updated_at >= until:
+                    continue
+                if phases and moved.phase not in phases:
+                    continue
+                found.append(
+                    ReplayChange(
+                        tid, event.id, moved.previous, moved.phase, state.updated_at, state.task
+                    )
+                )
+        if task_id is not None:
+            break
+        after = ids[-1]
+    found.sort(key=lambda c: c.key)
+    return found
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    changes: int = 0
+    delivered: int = 0
+    dead: int = 0
+    skipped: int = 0  # not wanted by the handler's filters
+    resumed_from: int = 0
+
+
+async def replay_handlers(
+    store: Store,
+    subscriptions: Sequence[Subscription],
+    changes: Sequence[ReplayChange],
+    *,
+    run_key: str,
+    progress: Progress | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    call: Callable[[Subscription, PhaseChange], Awaitable[None]] | None = None,
+) -> ReplayReport:
+    """Deliver ``changes`` to each subscription (in order), recorded as replays."""
+    report = ReplayReport(changes=len(changes))
+    checkpoint_key = f"replay-handlers:{run_key}"
+    saved = await store.get_meta(checkpoint_key)
+    start = int(saved) if saved else 0
+    report.resumed_from = start
+    live_seqs = await _live_seqs(store, changes)
+
+    async def invoke(sub: Subscription, change: PhaseChange) -> None:
+        if call is not None:
+            await call(sub, change)
+        else:
+            await asyncio.wait_for(sub.fn(change), sub.timeout_s)
+
+    for index in range(start, len(changes)):
+        c = changes[index]
+        seq = live_seqs.get((c.task_id, c.event_id, c.phase)) or _synthetic_seq(c)
+        change = PhaseChange.build(
+            seq=seq,
+            task_id=c.task_id,
+            event_id=c.event_id,
+            previous_phase=c.previous_phase,
+            phase=c.phase,
+            changed_at=c.changed_at,
+            task=c.task,
+            replay=True,
+        )
+        for sub in subscriptions:
+            if not sub.matches(change):
+                report.skipped += 1
+                continue
+            first = now_ms()
+
+            async def failed(attempt: int, error: str, name: str = sub.name) -> None:
+                log.warning("replay to %s failed (attempt %d): %s", name, attempt, error)
+
+            async def once(ch: PhaseChange, target: Subscription = sub) -> None:
+                await invoke(target, ch)
+
+            status, attempts, error = await call_with_retries(
+                sub, change, once, first=first, on_failure=failed
+            )
+            await store.record_deliveries(
+                [Delivery(sub.name, seq, status, attempts, first, now_ms(), error, replay=True)]
+            )
+            if status is DeliveryStatus.DONE:
+                report.delivered += 1
+            else:
+                report.dead += 1
+        await store.set_meta(checkpoint_key, str(index + 1))
+        if progress is not None:
+            progress(index + 1, len(changes))
+        if should_stop is not None and should_stop() and index + 1 < len(changes):
+            raise Interrupted(f"replay stopped after {index + 1} of {len(changes)} changes")
+    await store.set_meta(checkpoint_key, None)
+    return report
+
+
+async def _live_seqs(
+    store: Store, changes: Sequence[ReplayChange]
+) -> dict[tuple[str, str, str], int]:
+    seqs: dict[tuple[str, str, str], int] = {}
+    for task_id in {c.task_id for c in changes}:
+        for record in await store.task_changes(task_id):
+            seqs[(record.task_id, record.event_id, record.phase)] = record.seq
+    return seqs
+
+
+def _synthetic_seq(change: ReplayChange) -> int:
+    """A stable negative id for a change the live outbox never had (it saw another order)."""
+    digest = hashlib.sha256(f"{change.task_id}\0{change.event_id}\0{change.phase}".encode())
+    return -int.from_bytes(digest.digest()[:7], "big") - 1
+
+
+def run_key(**params: Any) -> str:
+    """Identifies a replay by its arguments, so a re-run with the same ones resumes."""
+    return hashlib.sha256(orjson.dumps(params, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
