@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import importlib.util
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: the latter survives exec, so a child would report its parent's.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 async def fill(bootstrap: str, topic: str, n: int) -> None:
