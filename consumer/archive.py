@@ -189,13 +189,15 @@ async def import_archive(
     progress: Progress | None = None,
     stop: asyncio.Event | None = None,
     on_batch: BatchHook | None = None,
+    fire_handlers: bool = False,
 ) -> ImportReport:
     """Fold an archive into ``store``, resuming an interrupted earlier run of the same
     file. Bad lines are reported and skipped; a line is either taken whole or not at all
-    (one line is one event). Progress is counted in lines."""
+    (one line is one event). Progress is counted in lines. Phase changes reach the
+    outbox (and live handlers) only with ``fire_handlers``: an archive is the past."""
     started = time.monotonic()
     key = checkpoint_key(path)
-    report = ImportReport(str(path.resolve()), total_lines=_count_lines(path))
+    report = ImportReport(_resolved(path), total_lines=_count_lines(path))
     saved = await store.get_meta(key)
     if saved is not None:
         _restore(report, orjson.loads(saved))
@@ -210,7 +212,9 @@ async def import_archive(
         """Commit the batch, then checkpoint; True when asked to stop."""
         nonlocal batch, batch_rejected, last_saved
         if batch:
-            result = await store.ingest(batch, IMPORT_SOURCE, now_ms())
+            result = await store.ingest(
+                batch, IMPORT_SOURCE, now_ms(), record_changes=fire_handlers
+            )
             report.accepted += sum(1 for o in result.outcomes if o == Outcome.ACCEPTED)
             report.duplicates += sum(1 for o in result.outcomes if o == Outcome.DUPLICATE)
             report.events_this_run += len(batch)
@@ -282,6 +286,10 @@ def _numbered_lines(path: Path, *, skip: int) -> Iterator[tuple[int, bytes]]:
         for number, line in enumerate(lines, start=1):
             if number > skip:
                 yield number, line
+
+
+def _resolved(path: Path) -> str:
+    return str(path.resolve())
 
 
 def _count_lines(path: Path) -> int:

@@ -1,4 +1,5 @@
-"""The ``phasewatch`` command line: ``serve``, ``tasks get|list`` and ``send``.
+"""The ``phasewatch`` command line: ``serve``, ``tasks get|list``, ``dead-letters``,
+``import``, ``export``, ``replay kafka|rebuild|handlers`` and ``send``.
 
 Settings come from ``PHASEWATCH_*`` variables (listed by ``phasewatch --help``); the few
 flags here are per-invocation choices, not configuration.
@@ -20,6 +21,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
+from consumer import cli_replay
 from consumer.secrets import redact, redact_text
 from consumer.service import open_store, serve
 from consumer.settings import Settings
@@ -69,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--handler")
         p.add_argument("--all", action="store_true", help="every dead letter (of --handler)")
 
+    cli_replay.add_commands(sub)
+
     send = sub.add_parser("send", help="POST a deliveries file to a webhook endpoint")
     send.add_argument("file", type=Path, help='JSONL: {"signature": ..., "body": ...} per line')
     send.add_argument("--url", default="http://127.0.0.1:8080/webhooks/livepeer")
@@ -100,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_tasks(settings, args))
     if args.command == "dead-letters":
         return asyncio.run(_dead_letters(settings, args))
+    if cli_replay.handles(args):
+        try:
+            return asyncio.run(cli_replay.run(settings, args))
+        except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop
+            return 130
     return asyncio.run(_send(args))
 
 

@@ -50,7 +50,14 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
-    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+    async def ingest(
+        self,
+        events: Sequence[Event],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> IngestResult:
         touched = {e.task_id for e in events if e.task_id is not None}
         known = [e.id for e in events if e.id in self._events]
         plan = plan_batch(
@@ -58,6 +65,7 @@ class MemoryStore:
             known,
             {t: self._states[t] for t in touched if t in self._states},
             record_updates=self.record_updates,
+            record_changes=record_changes,
         )
         for event in plan.new_events:
             self._seq += 1

@@ -186,12 +186,26 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ writes
 
-    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+    async def ingest(
+        self,
+        events: Sequence[Event],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> IngestResult:
         batch = list(events)
-        return await self._write(lambda con: self._ingest_in_tx(con, batch, source, received_at))
+        return await self._write(
+            lambda con: self._ingest_in_tx(con, batch, source, received_at, record_changes)
+        )
 
     def _ingest_in_tx(
-        self, con: sqlite3.Connection, events: list[Event], source: str, received_at: int
+        self,
+        con: sqlite3.Connection,
+        events: list[Event],
+        source: str,
+        received_at: int,
+        record_changes: bool = True,
     ) -> IngestResult:
         known = _select_in(
             con, "SELECT event_id FROM events WHERE event_id IN ({})", list({e.id for e in events})
@@ -205,7 +219,11 @@ class SQLiteStore:
             states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
             versions[task_id] = version
         plan = plan_batch(
-            events, (row[0] for row in known), states, record_updates=self.record_updates
+            events,
+            (row[0] for row in known),
+            states,
+            record_updates=self.record_updates,
+            record_changes=record_changes,
         )
 
         con.executemany(

@@ -216,6 +216,7 @@ def plan_batch(
     states: Mapping[str, TaskState],
     *,
     record_updates: bool = False,
+    record_changes: bool = True,
 ) -> BatchPlan:
     """Decide what a batch does, given the event ids already stored among the batch's and
     the current state of the tasks it touches (absent: never seen). With
@@ -241,6 +242,8 @@ def plan_batch(
         plan.states[event.task_id] = applied.state
         if applied.changed:
             plan.versions_bumped.add(event.task_id)
+        if not record_changes:
+            continue
         if applied.transition is not None:
             plan.changes.append(
                 NewChange(
@@ -291,9 +294,17 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def ingest(self, events: Sequence[Event], source: str, received_at: int) -> IngestResult:
+    async def ingest(
+        self,
+        events: Sequence[Event],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> IngestResult:
         """Store, fold and record the phase changes of a batch, in one transaction.
-        All or nothing."""
+        All or nothing. ``record_changes=False`` (imports, replays of old history) folds
+        without putting changes in the outbox, so handlers do not hear about the past."""
         ...
 
     async def get_task(self, task_id: str) -> StoredTask | None: ...
