@@ -77,12 +77,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "signatures are not checked; archives are trusted local files)",
     )
     imp.add_argument("--batch-size", type=_positive, help="lines per store transaction")
-    imp.add_argument(
-        "--fire-handlers",
-        action="store_true",
-        help="also record the phase changes for live handlers (default: history only; "
-        "use `replay handlers` to re-run handlers on purpose)",
-    )
+    _fire_handlers_flag(imp)
     imp.set_defaults(replay_action="import")
 
     exp = sub.add_parser(
@@ -128,12 +123,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="repeatable; default: PHASEWATCH_KAFKA_TOPICS",
     )
     kafka.add_argument("--batch-size", type=_positive, help="records per store transaction")
-    kafka.add_argument(
-        "--fire-handlers",
-        action="store_true",
-        help="also record the phase changes for live handlers (default: history only; "
-        "use `replay handlers` to re-run handlers on purpose)",
-    )
+    _fire_handlers_flag(kafka)
     kafka.set_defaults(replay_action="replay-kafka")
 
     rebuild_cmd = sources.add_parser(
@@ -171,6 +161,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--dry-run", action="store_true", help="list the changes; deliver nothing"
     )
     handlers_cmd.set_defaults(replay_action="replay-handlers")
+
+
+def _fire_handlers_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fire-handlers",
+        action="store_true",
+        help="also record the phase changes for live handlers (default: history only; "
+        "use `replay handlers` to re-run handlers on purpose)",
+    )
 
 
 def handles(args: argparse.Namespace) -> bool:
