@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from consumer.secrets import redact_text
 from consumer.store import ChangeRecord, Delivery, DeliveryStatus, Store
 from consumer.subscription import PermanentError, PhaseChange, Subscription
 
@@ -499,10 +500,12 @@ def _safe_where(sub: Subscription, change: PhaseChange) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as logged and kept with a dead letter: URL credentials removed, since
+    handler code may put a URL with userinfo in its message."""
     text = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
         text = "timed out"
-    return f"{type(exc).__name__}: {text}"[:2000]
+    return redact_text(f"{type(exc).__name__}: {text}")[:2000]
 
 
 def _dead_here(owner: str) -> bool:

@@ -277,3 +277,48 @@ async def test_new_handler_starts_from_now(store: SQLiteStore) -> None:
     dispatcher.notify([])
     await wait_until(lambda: len(seen) == 1)
     await dispatcher.stop()
+
+
+async def test_updates_reach_only_handlers_that_ask(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "u.db", record_updates=True)
+    await store.open()
+    kinds: dict[str, list[tuple[str, float | None]]] = {"all": [], "phases": []}
+
+    async def every(change: PhaseChange) -> None:
+        kinds["all"].append((change.kind, change.task.status.progress))
+
+    async def phases(change: PhaseChange) -> None:
+        kinds["phases"].append((change.kind, change.task.status.progress))
+
+    dispatcher = await running(
+        store,
+        Subscription(name="all", fn=every, updates=True),
+        Subscription(name="phases", fn=phases),
+    )
+    try:
+        for i, progress in enumerate([None, 0.25, 0.5]):
+            extra = {} if progress is None else {"status_extra": {"progress": progress}}
+            await store.ingest(
+                [decode(webhook_body(f"p{i}", snapshot("T", "running", 10 + i, **extra)))], "t", 0
+            )
+        dispatcher.notify([])
+        await wait_until(lambda: len(kinds["all"]) == 3)
+        await asyncio.sleep(0.1)
+    finally:
+        await dispatcher.stop()
+        await store.close()
+    assert kinds["all"] == [("phase", None), ("update", 0.25), ("update", 0.5)]
+    assert kinds["phases"] == [("phase", None)]
+
+
+async def test_handler_errors_are_kept_without_credentials(store: SQLiteStore) -> None:
+    async def leaky(change: PhaseChange) -> None:
+        raise PermanentError("POST https://user:hunter2@hooks.example/x failed")
+
+    dispatcher = await running(store, Subscription(name="leaky", fn=leaky))
+    await ingest_lifecycles(store, tasks=1, steps=1)
+    dispatcher.notify([])
+    await wait_until(lambda: dispatcher.status()["handlers"]["leaky"]["dead"] == 1)
+    await dispatcher.stop()
+    (dead,) = await store.list_deliveries([DeliveryStatus.DEAD], "leaky")
+    assert dead.error == "PermanentError: POST https://hooks.example/x failed"
