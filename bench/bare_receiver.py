@@ -6,7 +6,8 @@ time (any of several ``v1=`` values may match), append ``body + b"\\n"`` to a fi
 one ``write(2)`` per request (no fsync unless ``--fsync``), answer 204; 401 on a missing
 or bad signature. No parsing, no dedup, no database.
 
-Single process, aiohttp on the default asyncio event loop (no uvloop), like phasewatch.
+Single process, aiohttp on uvloop when it is installed, like ``phasewatch serve``: both
+sides of the comparison run on the same event loop.
 Access logging is off. ``GET /healthz`` answers 200 for readiness probes.
 """
 
@@ -72,6 +73,14 @@ def make_app(secret: bytes, out_file: Path, fsync: bool = False) -> web.Applicat
     return app
 
 
+def _loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="bare HMAC-checking webhook receiver (baseline)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -82,15 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.secret:
         ap.error("--secret (or PHASEWATCH_WEBHOOK_SECRET) is required")
-    policy = type(asyncio.get_event_loop_policy()).__name__
+    loop = _loop()
     print(
         f"bare receiver on http://{args.host}:{args.port}{WEBHOOK_PATH} "
-        f"(policy {policy}, out {args.out_file})",
+        f"(loop {type(loop).__module__}, out {args.out_file})",
         file=sys.stderr,
         flush=True,
     )
     app = make_app(args.secret.encode("utf-8"), args.out_file, args.fsync)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None, loop=loop)
     return 0
 
 

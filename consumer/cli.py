@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
-        asyncio.run(serve(settings))
+        _run_fast(serve(settings))
         return 0
     if args.command == "tasks":
         return asyncio.run(_tasks(settings, args))
@@ -110,6 +110,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop
             return 130
     return asyncio.run(_send(args))
+
+
+def _run_fast(main: Coroutine[Any, Any, None]) -> None:
+    """Run the service on uvloop where it is installed (about a quarter more webhooks/s
+    here, see bench/), else on the standard loop."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional: absent on Windows
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
