@@ -338,7 +338,6 @@ class Dispatcher:
                     if prior is not None
                     else _Item(record),
                 )
-            self._advance(lane)
 
     def _enqueue(self, lane: _Lane, item: _Item) -> None:
         task_id = item.record.task_id
@@ -348,10 +347,9 @@ class Dispatcher:
             worker = asyncio.create_task(self._work(lane, task_id), name=f"deliver-{task_id}")
             lane.workers[task_id] = worker
 
-    def _advance(self, lane: _Lane) -> None:
-        lane.cursor = min(lane.unresolved) - 1 if lane.unresolved else lane.scanned
-
     async def _save_cursor(self, lane: _Lane) -> None:
+        # Computed here, once a poll, not per delivery: min() over a large backlog is O(n).
+        lane.cursor = min(lane.unresolved) - 1 if lane.unresolved else lane.scanned
         if lane.cursor != lane.saved_cursor:
             await self._store.set_cursor(lane.sub.name, lane.cursor)
             lane.saved_cursor = lane.cursor
@@ -368,7 +366,6 @@ class Dispatcher:
                 queue.popleft()
                 lane.stats.queued -= 1
                 lane.unresolved.discard(item.record.seq)
-                self._advance(lane)
         finally:
             if not queue:
                 lane.queues.pop(task_id, None)
