@@ -31,6 +31,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from consumer.codec import DecodeError, Event, decode
+from consumer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from consumer.metrics import render as render_metrics
 from consumer.secrets import redact, redact_text
 from consumer.signature import SignatureError, verify
 from consumer.store import ChangeRecord, Cursor, Delivery, DeliveryStatus, Store, TaskQuery
@@ -98,6 +100,7 @@ def build_app(
     app.router.add_post("/dead-letters/drop", drop_dead_letters)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -339,3 +342,14 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
     return json_response({"status": "ready", **status})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format of the readiness figures."""
+    try:
+        status = await request.app[STATUS_KEY]()
+    except Exception as exc:
+        return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    response = web.Response(body=render_metrics(status))
+    response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+    return response

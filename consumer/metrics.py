@@ -1,0 +1,104 @@
+"""Prometheus exposition of the service's figures (``GET /metrics``).
+
+The figures already exist (the readiness payload: store counts, ingestion, dispatch per
+handler, Kafka per partition); this module only renders them, at scrape time, in the
+Prometheus text format with ``prometheus_client``. Labels are handler names, topics and
+partitions: nothing from a task, so nothing a credential could hide in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "render"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Snapshot(Collector):
+    def __init__(self, status: Mapping[str, Any]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._status
+        yield _gauge("phasewatch_events", "Events in the history.", s["events"])
+        yield _gauge("phasewatch_tasks", "Tasks in the materialized view.", s["tasks"])
+        yield _gauge("phasewatch_changes", "Changes recorded in the outbox.", s["changes"])
+        yield _gauge(
+            "phasewatch_pending_changes",
+            "Changes this process still has to hand to handlers.",
+            s["pendingChanges"],
+        )
+        ingest = s["ingest"]
+        yield _counter(
+            "phasewatch_webhook_events_accepted", "Webhook events committed.", ingest["accepted"]
+        )
+        yield _counter(
+            "phasewatch_webhook_events_duplicate",
+            "Webhook events already stored.",
+            ingest["duplicates"],
+        )
+        yield _counter(
+            "phasewatch_webhook_commits", "Group commits of webhook events.", ingest["batches"]
+        )
+        yield _counter(
+            "phasewatch_webhook_commit_failures", "Webhook events not committed.", ingest["failed"]
+        )
+        dispatch = s["dispatch"]
+        yield _gauge(
+            "phasewatch_dispatch_leader", "1 when this process dispatches.", int(dispatch["leader"])
+        )
+        per_handler = {
+            "delivered": (CounterMetricFamily, "Changes a handler returned for."),
+            "failures": (CounterMetricFamily, "Failed handler calls (each retry counts)."),
+            "dead": (CounterMetricFamily, "Deliveries dead-lettered."),
+            "queued": (GaugeMetricFamily, "Changes queued in memory for a handler."),
+            "inFlight": (GaugeMetricFamily, "Handler calls running now."),
+        }
+        for key, (family, text) in per_handler.items():
+            name = "phasewatch_handler_" + _snake(key)
+            metric = family(name, text, labels=["handler"])
+            for handler, figures in dispatch["handlers"].items():
+                metric.add_metric([handler], figures[key])
+            yield metric
+        kafka = s.get("kafka")
+        if kafka is not None:
+            yield _counter("phasewatch_kafka_records", "Kafka records processed.", kafka["records"])
+            yield _counter(
+                "phasewatch_kafka_poison", "Kafka records sent to the DLQ.", kafka["poison"]
+            )
+            yield _counter(
+                "phasewatch_kafka_commit_failures",
+                "Offset commits that failed.",
+                kafka["commitFailures"],
+            )
+            lag = GaugeMetricFamily(
+                "phasewatch_kafka_lag", "Records behind, per partition.", labels=["partition"]
+            )
+            for partition, behind in kafka["lag"].items():
+                lag.add_metric([partition], behind)
+            yield lag
+
+
+def render(status: Mapping[str, Any]) -> bytes:
+    """The Prometheus text exposition of a readiness payload."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Snapshot(status))
+    return generate_latest(registry)
+
+
+def _gauge(name: str, text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, text, value=value)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, text, value=value)
+
+
+def _snake(camel: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in camel)
