@@ -24,6 +24,7 @@ from consumer.loading import load_subscriptions
 from consumer.memory_store import MemoryStore
 from consumer.secrets import redact_text
 from consumer.settings import Settings
+from consumer.sqlite_process import SQLiteProcessStore
 from consumer.sqlite_store import SQLiteStore, path_from_url
 from consumer.store import Store
 from consumer.subscription import Subscription
@@ -39,7 +40,8 @@ def open_store(settings: Settings, *, record_updates: bool = False) -> Store:
     url = settings.database_url
     if url.startswith("memory://"):
         return MemoryStore(record_updates=record_updates)
-    return SQLiteStore(
+    backend = SQLiteProcessStore if settings.sqlite_writer == "process" else SQLiteStore
+    return backend(
         path_from_url(url), synchronous=settings.sqlite_synchronous, record_updates=record_updates
     )
 

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
         description="FULL: an acknowledged event survives power loss. NORMAL: survives a "
         "process crash, may lose the last batches on power loss; fewer fsyncs.",
     )
+    sqlite_writer: Literal["thread", "process"] = Field(
+        "thread",
+        description="Where SQLite ingestion runs: a thread of the service, or a child "
+        "process (uses a second core; see bench/).",
+    )
     http_host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     http_port: int = Field(8080, ge=0, le=65535, description="Port the HTTP server binds.")
     webhook_secret: SecretStr | None = Field(

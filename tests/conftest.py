@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from consumer.memory_store import MemoryStore
+from consumer.sqlite_process import SQLiteProcessStore
 from consumer.sqlite_store import SQLiteStore
 from consumer.store import Store
 
@@ -23,7 +24,7 @@ settings.register_profile("phasewatch", deadline=None, suppress_health_check=[He
 settings.load_profile("phasewatch")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-process"])
 async def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Store]:
@@ -31,6 +32,8 @@ async def store(
     backend: Store
     if request.param == "memory":
         backend = MemoryStore()
+    elif request.param == "sqlite-process":
+        backend = SQLiteProcessStore(tmp_path_factory.mktemp("db") / "phasewatch.db")
     else:
         backend = SQLiteStore(tmp_path_factory.mktemp("db") / "phasewatch.db")
     await backend.open()

@@ -53,11 +53,13 @@ async def fetch(url: str, path: str) -> Any:
         return await r.json()
 
 
-async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path, writer: str) -> None:
     stream = list(deliveries("messy"))
     random.Random(7).shuffle(stream)
     db = tmp_path / "crash.db"
-    service = ServiceProcess(db, **ENV).start()
+    env = {**ENV, "PHASEWATCH_SQLITE_WRITER": writer}
+    service = ServiceProcess(db, **env).start()
 
     async def killer() -> None:
         # Let a good part of the stream in, then pull the plug with requests in flight.
@@ -68,7 +70,7 @@ async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path) -> 
     acked, _ = await asyncio.gather(send_all(service.url, stream), killer())
     assert 0 < len(acked) < len(stream), "the kill should land mid-stream"
 
-    service = ServiceProcess(db, port=service.port, **ENV).start()
+    service = ServiceProcess(db, port=service.port, **env).start()
     try:
         ready = await fetch(service.url, "/readyz")
         acked_ids = {stream[i].doc["id"] for i in acked}
