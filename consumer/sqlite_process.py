@@ -7,7 +7,9 @@ in a child process that owns a writer connection to the same database file: it d
 the raw events again (cheap, and it keeps the wire format the only interface), folds
 them and commits, in parallel with the parent's event loop. Everything else (reads,
 delivery records, leases) stays in the parent on the ordinary :class:`SQLiteStore`;
-SQLite's file lock arbitrates the two writers (``BEGIN IMMEDIATE``, busy timeout).
+SQLite's file lock arbitrates the two writers (``BEGIN IMMEDIATE``, busy timeout). If
+the child dies, the batch in flight fails (the caller answers 503) and a new child is
+started.
 
 Semantics are the store's own: the child runs the same ``_ingest_in_tx``.
 """
@@ -44,9 +46,7 @@ def _child(conn: Connection, path: str, synchronous: Synchronous, record_updates
             con.execute("BEGIN IMMEDIATE")
             try:
                 events = [decode(raw) for raw in raws]
-                result = store._ingest_in_tx(
-                    con, events, source, received_at, record_changes
-                )
+                result = store._ingest_in_tx(con, events, source, received_at, record_changes)
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
@@ -90,6 +90,9 @@ class SQLiteProcessStore(SQLiteStore):
 
     async def open(self) -> None:
         await super().open()  # creates the schema before the child connects
+        self._spawn()
+
+    def _spawn(self) -> None:
         # spawn, not fork: the parent has threads and an event loop running.
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
@@ -129,9 +132,16 @@ class SQLiteProcessStore(SQLiteStore):
             conn.send(request)
             return conn.recv()
 
-        status, outcomes, changes = await asyncio.get_running_loop().run_in_executor(
-            self._ipc, round_trip
-        )
+        try:
+            status, outcomes, changes = await asyncio.get_running_loop().run_in_executor(
+                self._ipc, round_trip
+            )
+        except (EOFError, OSError):
+            # The writer died (killed, out of memory). Start another; this batch fails
+            # (503: the sender retries, and a batch it did commit comes back a duplicate).
+            conn.close()
+            self._spawn()
+            raise RuntimeError("SQLite writer process died; a new one was started") from None
         if status != "ok":
             raise RuntimeError(f"SQLite writer process failed: {outcomes}")
         return IngestResult([Outcome(o) for o in outcomes], [ChangeRecord(*c) for c in changes])

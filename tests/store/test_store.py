@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from consumer.codec import decode
+from consumer.sqlite_process import SQLiteProcessStore
 from consumer.sqlite_store import SQLiteStore
 from consumer.store import Cursor, Delivery, DeliveryStatus, Outcome, Store, TaskQuery
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
@@ -229,3 +230,24 @@ async def test_lease_has_one_holder_until_it_expires(store: Store) -> None:
     # A holder known to be dead can be taken over at once.
     assert await store.acquire_lease("dispatch", "c", 1000, now_ms=2001, take_from="b") == "c"
     assert await store.acquire_lease("other", "b", 1000, now_ms=2001) == "b"
+
+
+async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> None:
+    store = SQLiteProcessStore(tmp_path / "p.db")
+    await store.open()
+    try:
+        assert (await store.ingest([decode(ev("a", "T", "pending", 1))], "w", 1)).outcomes == [
+            Outcome.ACCEPTED
+        ]
+        store._proc.kill()  # the writer dies (OOM killer, operator)
+        store._proc.join(10)
+        with pytest.raises(RuntimeError, match="died"):
+            await store.ingest([decode(ev("b", "T", "running", 2))], "w", 2)
+        # The sender retries: a new writer takes it.
+        assert (await store.ingest([decode(ev("b", "T", "running", 2))], "w", 3)).outcomes == [
+            Outcome.ACCEPTED
+        ]
+        stored = await store.get_task("T")
+        assert stored is not None and stored.phase == "running"
+    finally:
+        await store.close()
