@@ -34,13 +34,16 @@ __all__ = ["Service", "open_store", "serve"]
 log = logging.getLogger(__name__)
 
 
-def open_store(settings: Settings, *, record_updates: bool = False) -> Store:
+def open_store(settings: Settings, *, record_updates: bool = False, serving: bool = False) -> Store:
     """The backend named by ``database_url`` (not opened yet). ``record_updates``: also
-    record non-phase changes in the outbox (some handler asked for updates)."""
+    record non-phase changes in the outbox (some handler asked for updates). The SQLite
+    writer process is for the long-running service (``serving``); a CLI command keeps
+    its writes on a thread rather than start a process for a few statements."""
     url = settings.database_url
     if url.startswith("memory://"):
         return MemoryStore(record_updates=record_updates)
-    backend = SQLiteProcessStore if settings.sqlite_writer == "process" else SQLiteStore
+    in_process = serving and settings.sqlite_writer == "process"
+    backend = SQLiteProcessStore if in_process else SQLiteStore
     return backend(
         path_from_url(url), synchronous=settings.sqlite_synchronous, record_updates=record_updates
     )
@@ -114,7 +117,9 @@ class Service:
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
         subscriptions = load_subscriptions(settings.handler_refs(), settings)
-        store = open_store(settings, record_updates=any(s.updates for s in subscriptions))
+        store = open_store(
+            settings, record_updates=any(s.updates for s in subscriptions), serving=True
+        )
         return cls(settings, store, subscriptions)
 
     async def _on_startup(self, app: web.Application) -> None:
