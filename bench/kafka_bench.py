@@ -114,9 +114,11 @@ async def run_bare(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
 async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[str, Any]:
     from consumer.kafka import KafkaSource
     from consumer.settings import Settings
+    from consumer.sqlite_process import SQLiteProcessStore
     from consumer.sqlite_store import SQLiteStore
 
-    store = SQLiteStore(db)
+    # As `serve` runs it by default: folds and commits in the writer process.
+    store = SQLiteProcessStore(db) if WRITER == "process" else SQLiteStore(db)
     await store.open()
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
@@ -148,6 +150,9 @@ async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[s
     }
 
 
+WRITER = "process"
+
+
 def child(kind: str, bootstrap: str, topic: str, n: int) -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -160,6 +165,8 @@ def child(kind: str, bootstrap: str, topic: str, n: int) -> dict[str, Any]:
         topic,
         "--events",
         str(n),
+        "--writer",
+        WRITER,
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -185,7 +192,15 @@ def main() -> None:
     parser.add_argument("--bootstrap")
     parser.add_argument("--topic")
     parser.add_argument("--child", choices=["bare", "phasewatch"])
+    parser.add_argument(
+        "--writer",
+        choices=["process", "thread"],
+        default="process",
+        help="where phasewatch folds and commits (serve's default: process)",
+    )
     args = parser.parse_args()
+    global WRITER  # noqa: PLW0603 - one setting for the children this run starts
+    WRITER = args.writer
 
     if args.child:
         with tempfile.TemporaryDirectory() as tmp:
@@ -225,7 +240,7 @@ def main() -> None:
         f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in runs['bare']):.0f} MB"
     )
     print(
-        f"  phasewatch KafkaSource -> SQLite (FULL)     {pw:>10,.0f} events/s"
+        f"  phasewatch KafkaSource -> SQLite ({WRITER:<7})  {pw:>10,.0f} events/s"
         f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in runs['phasewatch']):.0f} MB"
     )
     print(f"  ratio phasewatch/bare: {statistics.median(ratios):.2f}")
