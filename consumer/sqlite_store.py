@@ -245,19 +245,14 @@ class SQLiteStore:
             ],
         )
         con.executemany(
-            "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
+            "INSERT INTO tasks (id, type, phase, updated_at, doc, keys, version)"
             " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET type = excluded.type,"
             " phase = excluded.phase, updated_at = excluded.updated_at,"
             " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
             [
                 (
-                    task_id,
-                    _text_or_none(s.task.get("type")),
-                    s.phase,
-                    s.updated_at,
+                    *_task_row(task_id, s),
                     versions.get(task_id, 0) + (task_id in plan.versions_bumped),
-                    orjson.dumps(s.task),
-                    encode_keys(s.keys),
                 )
                 for task_id, s in plan.states.items()
             ],
