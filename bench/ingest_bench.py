@@ -22,10 +22,11 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import gen_deliveries  # noqa: E402
 
 from consumer.codec import decode  # noqa: E402
 from consumer.memory_store import MemoryStore  # noqa: E402
@@ -36,21 +37,13 @@ FIXTURE = REPO.parent / "shared" / "fixtures" / "messy" / "deliveries.jsonl"
 
 
 def make_bodies(n: int, seed: int = 1) -> list[bytes]:
-    template = [
-        orjson.loads(orjson.loads(line)["body"]) for line in FIXTURE.read_bytes().splitlines()
-    ]
+    """N realistic bodies: copies of the messy fixture's lifecycles with fresh random ids
+    and times moved forward by one template period per copy (``gen_deliveries``), so ids
+    are as random and times as increasing as in live traffic."""
+    params = gen_deliveries.Params(n=n, seed=seed)
+    template = gen_deliveries.load_template(FIXTURE)
+    out = [raw.encode() for _, raw, _ in gen_deliveries.generate(template, params)]
     rng = random.Random(seed)
-    out: list[bytes] = []
-    copy = 0
-    while len(out) < n:
-        for doc in template:
-            body = orjson.dumps(doc)
-            tid = doc["payload"]["task"]["id"]
-            body = body.replace(tid.encode(), f"{tid[:-8]}{copy:08d}".encode())
-            body = body.replace(doc["id"].encode(), f"{doc['id'][:-8]}{copy:08d}".encode())
-            out.append(body)
-        copy += 1
-    out = out[:n]
     # Local reordering, as fan-out and retries do; keeps lifecycles roughly in time.
     for i in range(0, len(out), 64):
         window = out[i : i + 64]

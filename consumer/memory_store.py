@@ -17,12 +17,14 @@ from consumer.store import (
     Cursor,
     Delivery,
     DeliveryStatus,
+    EventKey,
     HistoryEntry,
     IngestResult,
     StoredTask,
     StoreStats,
     TaskPage,
     TaskQuery,
+    event_key,
     plan_batch,
 )
 
@@ -32,7 +34,7 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     def __init__(self, *, record_updates: bool = False) -> None:
         self.record_updates = record_updates
-        self._events: dict[str, HistoryEntry] = {}
+        self._events: dict[EventKey, HistoryEntry] = {}
         self._by_task: dict[str, list[HistoryEntry]] = {}
         self._states: dict[str, TaskState] = {}
         self._versions: dict[str, int] = {}
@@ -59,7 +61,7 @@ class MemoryStore:
         record_changes: bool = True,
     ) -> IngestResult:
         touched = {e.task_id for e in events if e.task_id is not None}
-        known = [e.id for e in events if e.id in self._events]
+        known = [k for k in map(event_key, events) if k in self._events]
         plan = plan_batch(
             events,
             known,
@@ -80,7 +82,7 @@ class MemoryStore:
                 event.task_id,
                 event.raw,
             )
-            self._events[event.id] = entry
+            self._events[event_key(event)] = entry
             if event.task_id is not None:
                 self._by_task.setdefault(event.task_id, []).append(entry)
         self._states.update(plan.states)

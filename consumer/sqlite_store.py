@@ -32,6 +32,7 @@ from consumer.store import (
     Cursor,
     Delivery,
     DeliveryStatus,
+    EventKey,
     HistoryEntry,
     IngestResult,
     StoredTask,
@@ -48,10 +49,21 @@ __all__ = ["SQLiteStore"]
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 
+_SCHEMA_VERSION = 2
+
+# Locality is the performance story here. Task ids and event ids are random strings; an
+# index keyed on them takes each batch's inserts on as many random leaf pages, and every
+# dirtied page is written whole to the WAL at commit (and again at checkpoint), so writes
+# grew with the database. Each task therefore gets a local number (``tasks.no``) at first
+# sight: tasks alive together have neighbouring numbers, and the history and outbox are
+# indexed by it, so a batch's index inserts land on a few pages at the tail. Only the
+# first event of a task touches a random index (``task_numbers.id``). The numbers belong
+# to the history, not to the view, so a rebuild can repair a view that lost rows.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id    TEXT    NOT NULL UNIQUE,
+    event_id    TEXT    NOT NULL,
+    task_no     INTEGER,
     task_id     TEXT,
     kind        TEXT    NOT NULL,
     format      TEXT    NOT NULL,
@@ -61,9 +73,16 @@ CREATE TABLE IF NOT EXISTS events (
     updated_at  NUMERIC,
     raw         BLOB    NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_task ON events (task_id, seq) WHERE task_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS events_by_task ON events (task_no, event_id)
+    WHERE task_no IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS events_untasked ON events (event_id) WHERE task_no IS NULL;
+CREATE TABLE IF NOT EXISTS task_numbers (
+    no INTEGER PRIMARY KEY,
+    id TEXT    NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS tasks (
-    id         TEXT    PRIMARY KEY,
+    no         INTEGER PRIMARY KEY,
+    id         TEXT    NOT NULL,
     type       TEXT,
     phase      TEXT    NOT NULL,
     updated_at NUMERIC NOT NULL,
@@ -75,6 +94,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_updated ON tasks (updated_at, id);
 CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (phase, updated_at, id);
 CREATE TABLE IF NOT EXISTS changes (
     seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_no        INTEGER NOT NULL,
     task_id        TEXT    NOT NULL,
     event_id       TEXT    NOT NULL,
     previous_phase TEXT,
@@ -84,7 +104,7 @@ CREATE TABLE IF NOT EXISTS changes (
     task           BLOB    NOT NULL,
     kind           TEXT    NOT NULL DEFAULT 'phase'
 );
-CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_id, seq);
+CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_no, seq);
 CREATE TABLE IF NOT EXISTS deliveries (
     handler          TEXT    NOT NULL,
     seq              INTEGER NOT NULL,
@@ -99,7 +119,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_attention ON deliveries (status, seq)
     WHERE status IN ('dead', 'redrive', 'failing');
 CREATE TABLE IF NOT EXISTS tasks_rebuild (
-    id         TEXT    PRIMARY KEY,
+    no         INTEGER PRIMARY KEY,
+    id         TEXT    NOT NULL UNIQUE,
     type       TEXT,
     phase      TEXT    NOT NULL,
     updated_at NUMERIC NOT NULL,
@@ -166,9 +187,25 @@ class SQLiteStore:
         con.execute("PRAGMA busy_timeout = 10000")
         if writer:
             con.execute("PRAGMA journal_mode = WAL")
-            con.executescript(_SCHEMA)
+            self._ensure_schema(con)
         con.execute(f"PRAGMA synchronous = {self._synchronous}")
         return con
+
+    def _ensure_schema(self, con: sqlite3.Connection) -> None:
+        (version,) = con.execute("PRAGMA user_version").fetchone()
+        if (
+            version == 0
+            and con.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone()
+        ):
+            version = 1  # written before the schema carried a version
+        if version not in (0, _SCHEMA_VERSION):
+            raise RuntimeError(
+                f"{self.path} holds phasewatch schema {version}, this version needs"
+                f" {_SCHEMA_VERSION}: export its history with the phasewatch that wrote it"
+                " (phasewatch export -o FILE), then import FILE into a new database"
+            )
+        con.executescript(_SCHEMA)
+        con.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     @staticmethod
     async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
@@ -207,31 +244,42 @@ class SQLiteStore:
         received_at: int,
         record_changes: bool = True,
     ) -> IngestResult:
-        known = _select_in(
-            con, "SELECT event_id FROM events WHERE event_id IN ({})", list({e.id for e in events})
-        )
         touched = list({e.task_id for e in events if e.task_id is not None})
+        numbers: dict[str, int] = {}
         states: dict[str, TaskState] = {}
         versions: dict[str, int] = {}
-        for task_id, doc, keys, version in _select_in(
-            con, "SELECT id, doc, keys, version FROM tasks WHERE id IN ({})", touched
+        for no, task_id, doc, keys, version in _select_in(
+            con,
+            "SELECT n.no, n.id, t.doc, t.keys, t.version FROM task_numbers AS n"
+            " LEFT JOIN tasks AS t ON t.no = n.no WHERE n.id IN ({})",
+            touched,
         ):
-            states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
-            versions[task_id] = version
+            numbers[task_id] = no
+            if doc is not None:  # else the view lost the row: a rebuild repairs it
+                states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
+                versions[task_id] = version
         plan = plan_batch(
             events,
-            (row[0] for row in known),
+            _known_events(con, events, numbers),
             states,
             record_updates=self.record_updates,
             record_changes=record_changes,
         )
+        new_tasks = [t for t in plan.states if t not in numbers]
+        if new_tasks:
+            # We hold the write lock: the next numbers are ours to hand out.
+            (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
+            fresh = list(zip(range(top + 1, top + 1 + len(new_tasks)), new_tasks, strict=True))
+            con.executemany("INSERT INTO task_numbers (no, id) VALUES (?, ?)", fresh)
+            numbers.update((task_id, no) for no, task_id in fresh)
 
         con.executemany(
-            "INSERT INTO events (event_id, task_id, kind, format, source, received_at,"
-            " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (event_id, task_no, task_id, kind, format, source, received_at,"
+            " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     e.id,
+                    None if e.task_id is None else numbers[e.task_id],
                     e.task_id,
                     e.kind,
                     e.format.value,
@@ -245,12 +293,13 @@ class SQLiteStore:
             ],
         )
         con.executemany(
-            "INSERT INTO tasks (id, type, phase, updated_at, doc, keys, version)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET type = excluded.type,"
+            "INSERT INTO tasks (no, id, type, phase, updated_at, doc, keys, version)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (no) DO UPDATE SET type = excluded.type,"
             " phase = excluded.phase, updated_at = excluded.updated_at,"
             " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
             [
                 (
+                    numbers[task_id],
                     *_task_row(task_id, s),
                     versions.get(task_id, 0) + (task_id in plan.versions_bumped),
                 )
@@ -259,8 +308,8 @@ class SQLiteStore:
         )
         recorded: list[ChangeRecord] = []
         if plan.changes:
-            # We hold the write lock, so the next AUTOINCREMENT values are ours to assign;
-            # explicit seqs let one executemany replace a RETURNING round trip per change.
+            # Same for the outbox: explicit seqs let one executemany replace a RETURNING
+            # round trip per change.
             row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
             base = row[0] if row else 0
             recorded = [
@@ -278,11 +327,12 @@ class SQLiteStore:
                 for i, c in enumerate(plan.changes, start=1)
             ]
             con.executemany(
-                "INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,"
-                " recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
+                " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         r.seq,
+                        numbers[r.task_id],
                         r.task_id,
                         r.event_id,
                         r.previous_phase,
@@ -396,7 +446,8 @@ class SQLiteStore:
         return await self._run(self._reader, run)
 
     async def get_task(self, task_id: str) -> StoredTask | None:
-        rows = await self._read("SELECT doc, version FROM tasks WHERE id = ?", (task_id,))
+        sql = f"SELECT doc, version FROM tasks WHERE no = {_NO}"  # noqa: S608 - constants only
+        rows = await self._read(sql, (task_id,))
         return StoredTask(orjson.loads(rows[0][0]), rows[0][1]) if rows else None
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
@@ -435,7 +486,9 @@ class SQLiteStore:
         self, seq: int, limit: int = 1000, *, task_id: str | None = None
     ) -> list[HistoryEntry]:
         where, params = (
-            ("seq > ?", [seq]) if task_id is None else ("task_id = ? AND seq > ?", [task_id, seq])
+            ("seq > ?", [seq])
+            if task_id is None
+            else (f"task_no = {_NO} AND seq > ?", [task_id, seq])
         )
         sql = (
             "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw"  # noqa: S608
@@ -449,8 +502,7 @@ class SQLiteStore:
 
     async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
         rows = await self._read(
-            "SELECT DISTINCT task_id FROM events WHERE task_id IS NOT NULL AND task_id > ?"
-            " ORDER BY task_id LIMIT ?",
+            "SELECT id FROM task_numbers WHERE id > ? ORDER BY id LIMIT ?",
             (after or "", limit),
         )
         return [row[0] for row in rows]
@@ -459,7 +511,8 @@ class SQLiteStore:
         def run() -> list[Any]:
             sql = (
                 "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id,"
-                " raw FROM events WHERE task_id IN ({}) AND seq <= ?"
+                " raw FROM events WHERE task_no IN (SELECT no FROM task_numbers WHERE id IN ({}))"
+                " AND seq <= ?"
             )
             out: list[Any] = []
             for start in range(0, len(task_ids), _CHUNK):
@@ -480,8 +533,7 @@ class SQLiteStore:
         rows = [_task_row(task_id, s) for task_id, s in states.items()]
         await self._write(
             lambda con: con.executemany(
-                "INSERT OR REPLACE INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                _STAGE_REBUILT,
                 rows,
             )
         )
@@ -493,7 +545,7 @@ class SQLiteStore:
             late = [
                 decode(bytes(raw))
                 for (raw,) in con.execute(
-                    "SELECT raw FROM events WHERE seq > ? AND task_id IS NOT NULL ORDER BY seq",
+                    "SELECT raw FROM events WHERE seq > ? AND task_no IS NOT NULL ORDER BY seq",
                     (upto_seq,),
                 )
             ]
@@ -506,15 +558,15 @@ class SQLiteStore:
             }
             plan = plan_batch(late, (), staged)
             con.executemany(
-                "INSERT OR REPLACE INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
+                _STAGE_REBUILT,
                 [_task_row(task_id, s) for task_id, s in plan.states.items()],
             )
-            con.execute("DELETE FROM tasks WHERE id NOT IN (SELECT id FROM tasks_rebuild)")
+            con.execute("DELETE FROM tasks WHERE no NOT IN (SELECT no FROM tasks_rebuild)")
             con.execute(
-                "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
-                " SELECT id, type, phase, updated_at, 0, doc, keys FROM tasks_rebuild WHERE true"
-                " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
+                "INSERT INTO tasks (no, id, type, phase, updated_at, version, doc, keys)"
+                " SELECT no, id, type, phase, updated_at, 0, doc, keys FROM tasks_rebuild"
+                " WHERE true ON CONFLICT (no) DO UPDATE SET type = excluded.type,"
+                " phase = excluded.phase,"
                 " updated_at = excluded.updated_at,"
                 " version = tasks.version + (tasks.doc IS NOT excluded.doc),"
                 " doc = excluded.doc, keys = excluded.keys"
@@ -545,7 +597,10 @@ class SQLiteStore:
             )
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
-        rows = await self._read(f"{_CHANGE_COLUMNS} WHERE task_id = ? ORDER BY seq", (task_id,))
+        rows = await self._read(
+            f"{_CHANGE_COLUMNS} WHERE task_no = {_NO} ORDER BY seq",
+            (task_id,),
+        )
         return [_change(row) for row in rows]
 
     async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
@@ -605,6 +660,13 @@ class SQLiteStore:
         return StoreStats(events, tasks, changes, last, last_event)
 
 
+# A staged task keeps the number its history is filed under.
+_STAGE_REBUILT = (
+    "INSERT OR REPLACE INTO tasks_rebuild (no, id, type, phase, updated_at, doc, keys)"
+    " VALUES ((SELECT no FROM task_numbers WHERE id = ?1), ?1, ?2, ?3, ?4, ?5, ?6)"
+)
+_NO = "(SELECT no FROM task_numbers WHERE id = ?)"
+
 _CHANGE_COLUMNS = (
     "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind"
     " FROM changes"
@@ -629,6 +691,35 @@ def _change(row: Any) -> ChangeRecord:
     return ChangeRecord(
         seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task), kind
     )
+
+
+def _known_events(
+    con: sqlite3.Connection, events: Sequence[Event], numbers: Mapping[str, int]
+) -> list[EventKey]:
+    """The keys among ``events`` that the history already holds. A task not numbered yet
+    has no history, so only known tasks' events are looked up, by (task no, event id)."""
+    pairs = list(
+        {(numbers[t], e.id) for e in events if (t := e.task_id) is not None and t in numbers}
+    )
+    untasked = list({e.id for e in events if e.task_id is None})
+    ids = {no: task_id for task_id, no in numbers.items()}
+    known: list[EventKey] = []
+    for start in range(0, len(pairs), _CHUNK // 2):
+        chunk = pairs[start : start + _CHUNK // 2]
+        values = ",".join("(?, ?)" for _ in chunk)
+        rows = con.execute(
+            f"SELECT e.task_no, e.event_id FROM (VALUES {values}) AS v"  # noqa: S608
+            " JOIN events AS e ON e.task_no = v.column1 AND e.event_id = v.column2",
+            [x for pair in chunk for x in pair],
+        ).fetchall()
+        known.extend((ids[no], event_id) for no, event_id in rows)
+    known.extend(
+        (None, event_id)
+        for (event_id,) in _select_in(
+            con, "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})", untasked
+        )
+    )
+    return known
 
 
 def _select_in(con: sqlite3.Connection, sql: str, values: Sequence[str | int]) -> list[Any]:

@@ -4,7 +4,7 @@ batch planner they share.
 A store keeps three things, written together in one transaction per batch:
 
 * the **history**: every accepted event (raw bytes, source, receipt time), append-only,
-  deduplicated by event id;
+  deduplicated by event id (within its task: see :data:`EventKey`);
 * the **view**: the latest materialized task per id (with the per-field fold keys);
 * the **outbox**: phase changes still to be handed to handlers.
 
@@ -34,6 +34,7 @@ __all__ = [
     "Cursor",
     "Delivery",
     "DeliveryStatus",
+    "EventKey",
     "HistoryEntry",
     "IngestResult",
     "NewChange",
@@ -45,6 +46,7 @@ __all__ = [
     "TaskQuery",
     "decode_keys",
     "encode_keys",
+    "event_key",
     "plan_batch",
 ]
 
@@ -210,26 +212,40 @@ class BatchPlan:
     changes: list[NewChange] = field(default_factory=list)
 
 
+EventKey = tuple[str | None, str]
+"""What the history deduplicates on: ``(task id, event id)``; task id None for non-task
+events. An event id is unique per event in Livepeer's feeds, so this is event-id dedup;
+scoping it by task lets a backend keep the check next to the task's other events (recent
+tasks cluster together), instead of in one index of random ids that every batch dirties
+all over."""
+
+
+def event_key(event: Event) -> EventKey:
+    """The deduplication key of ``event`` (see :data:`EventKey`)."""
+    return (event.task_id, event.id)
+
+
 def plan_batch(
     events: Sequence[Event],
-    known_event_ids: Iterable[str],
+    known: Iterable[EventKey],
     states: Mapping[str, TaskState],
     *,
     record_updates: bool = False,
     record_changes: bool = True,
 ) -> BatchPlan:
-    """Decide what a batch does, given the event ids already stored among the batch's and
+    """Decide what a batch does, given the event keys already stored among the batch's and
     the current state of the tasks it touches (absent: never seen). With
     ``record_updates``, a change of the materialized task that keeps its phase is recorded
     too (kind "update"), for handlers that want progress."""
-    seen = set(known_event_ids)
+    seen = set(known)
     current: dict[str, TaskState] = dict(states)
     plan = BatchPlan()
     for event in events:
-        if event.id in seen:
+        key = (event.task_id, event.id)
+        if key in seen:
             plan.outcomes.append(Outcome.DUPLICATE)
             continue
-        seen.add(event.id)
+        seen.add(key)
         plan.outcomes.append(Outcome.ACCEPTED)
         plan.new_events.append(event)
         if event.task_id is None:
