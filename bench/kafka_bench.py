@@ -168,7 +168,7 @@ def child(kind: str, bootstrap: str, topic: str, n: int) -> dict[str, Any]:
         "--writer",
         WRITER,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=3600)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

@@ -2,16 +2,18 @@
 The only module that imports aiokafka.
 
 At-least-once delivery, effectively-once effects. Auto-commit is off. A batch from
-``getmany`` is decoded, its poison records are produced to the dead-letter topic, the
-rest is folded and committed to the store in one transaction, and only then are the
-batch's offsets committed. A crash anywhere before the offset commit redelivers the batch;
-the history deduplicates by event id and the fold is idempotent, so the redelivery changes
+``getmany`` goes to the store raw (:meth:`Store.ingest_raw`): its events are decoded,
+folded and committed in one transaction, and the records that do not decode come back
+as rejected. Those are produced to the dead-letter topic, and only then are the batch's
+offsets committed. A crash anywhere before the offset commit redelivers the batch; the
+history deduplicates by event id and the fold is idempotent, so the redelivery changes
 nothing and records no second phase change.
 
-Two stages overlap: while one batch is folded and committed on the store's writer
-thread (then its offsets committed), the next is fetched and decoded. Only one batch is
-ever in flight, so offsets are committed in order. Rebalances: the listener waits for
-the batch in flight, so partitions are only given up after their offsets are committed.
+Three stages overlap: while one batch is decoded, folded and committed by the store (in
+its writer process, by default), the next is fetched, and the offsets of the previous
+one are committed to Kafka. Only one batch is ever in the store, and offset commits run
+one at a time in batch order. Rebalances: the listener waits for the batch in flight and
+its offset commit, so partitions are only given up after their offsets are committed.
 
 If the store cannot commit, the batch is retried with backoff and its offsets are not
 committed: the partition waits for the store rather than skipping data. Poison records
@@ -40,7 +42,7 @@ from aiokafka.helpers import create_ssl_context
 from consumer.codec import DecodeError, Event, decode
 from consumer.ingest import ChangeSink, now_ms
 from consumer.settings import Settings
-from consumer.store import Store
+from consumer.store import Rejected, Store
 
 __all__ = ["KafkaForwarder", "KafkaPublisher", "KafkaSource", "KafkaStats", "client_options"]
 
@@ -130,6 +132,11 @@ class KafkaSource:
         self._dlq: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: asyncio.Task[None] | None = None
+        # Offsets whose records are stored but not yet committed to Kafka, and the task
+        # committing them: the next batch goes to the store without waiting for the
+        # broker's round trip, and commits coalesce while one is under way.
+        self._stored: dict[TopicPartition, int] = {}
+        self._committer: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.stats = KafkaStats()
@@ -187,72 +194,70 @@ class KafkaSource:
                 continue
             if not data:
                 continue
-            # Decode this batch while the previous one commits on the store's writer
-            # thread: the two stages overlap, offsets still commit in batch order.
-            events, poison, offsets, count = self._prepare(data)
-            # The dead letters must be durable before their offsets are committed.
-            await self._dead_letter(poison)
+            records = [record for batch in data.values() for record in batch]
+            offsets = {tp: batch[-1].offset + 1 for tp, batch in data.items()}
+            # Fetch the next batch while this one is decoded, folded and stored: the
+            # backend decodes (the default one in its writer process), so this loop stays
+            # free to fetch and to feed the writer.
             async with self.batch_lock:
-                await self.drain()
+                await self._stored_inflight()
                 self._inflight = asyncio.create_task(
-                    self._store_and_commit(consumer, events, offsets, count)
+                    self._store_and_commit(consumer, records, offsets)
                 )
 
-    async def drain(self) -> None:
-        """Wait until the batch in flight is stored and its offsets committed."""
+    async def _stored_inflight(self) -> None:
+        """Wait until the batch in flight is stored (its offsets may still be committing)."""
         if self._inflight is not None:
             try:
                 await asyncio.shield(self._inflight)
             finally:
                 self._inflight = None
 
-    @staticmethod
-    def _prepare(
-        data: dict[TopicPartition, list[ConsumerRecord]],
-    ) -> tuple[
-        list[Event], list[tuple[ConsumerRecord, DecodeError]], dict[TopicPartition, int], int
-    ]:
-        events: list[Event] = []
-        poison: list[tuple[ConsumerRecord, DecodeError]] = []
-        offsets: dict[TopicPartition, int] = {}
-        count = 0
-        for tp, records in data.items():
-            for record in records:
-                try:
-                    events.append(decode(record.value or b""))
-                except DecodeError as exc:
-                    poison.append((record, exc))
-            offsets[tp] = records[-1].offset + 1
-            count += len(records)
-        return events, poison, offsets, count
+    async def drain(self) -> None:
+        """Wait until the batch in flight is stored and its offsets committed."""
+        await self._stored_inflight()
+        if self._committer is not None:
+            try:
+                await asyncio.shield(self._committer)
+            finally:
+                self._committer = None
 
     async def _store_and_commit(
         self,
         consumer: AIOKafkaConsumer,
-        events: list[Event],
+        records: list[ConsumerRecord],
         offsets: dict[TopicPartition, int],
-        count: int,
     ) -> None:
+        raws = [record.value or b"" for record in records]
         result = None
         while result is None:
             try:
-                result = await self._store.ingest(events, "kafka", now_ms())
+                result = await self._store.ingest_raw(raws, "kafka", now_ms())
             except Exception:
                 if self._stopping.is_set():
                     return  # offsets not committed: the next owner gets the batch again
                 self.stats.store_retries += 1
-                log.exception("store could not commit a batch of %d; retrying", len(events))
+                log.exception("store could not commit a batch of %d; retrying", len(raws))
                 await asyncio.sleep(self._backoff)
-        self.stats.records += count
+        # The dead letters must be durable before their offsets are committed.
+        await self._dead_letter([(records[i], why) for i, why in result.rejected])
+        self.stats.records += len(records)
         self.stats.batches += 1
         self.stats.duplicates += sum(1 for o in result.outcomes if o == "duplicate")
         if result.changes and self._on_changes is not None:
             self._on_changes(result.changes)
-        await self._commit(consumer, offsets)
-        for tp, position in offsets.items():
-            highwater = consumer.highwater(tp)
-            if highwater is not None:
-                self.stats.lag[_tp_name(tp)] = max(0, highwater - position)
+        self._stored.update(offsets)
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_stored(consumer))
+
+    async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
+        while self._stored:
+            offsets, self._stored = self._stored, {}
+            await self._commit(consumer, offsets)
+            for tp, position in offsets.items():
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    self.stats.lag[_tp_name(tp)] = max(0, highwater - position)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:
@@ -263,7 +268,7 @@ class KafkaSource:
             self.stats.commit_failures += 1
             log.warning("offset commit failed (%s); records will be redelivered", exc)
 
-    async def _dead_letter(self, poison: Sequence[tuple[ConsumerRecord, DecodeError]]) -> None:
+    async def _dead_letter(self, poison: Sequence[tuple[ConsumerRecord, Rejected]]) -> None:
         if not poison:
             return
         assert self._dlq is not None
@@ -276,7 +281,7 @@ class KafkaSource:
                         key=record.key,
                         headers=[
                             ("phasewatch.reason", exc.reason.encode()),
-                            ("phasewatch.error", str(exc)[:1000].encode()),
+                            ("phasewatch.error", exc.message[:1000].encode()),
                             ("phasewatch.topic", record.topic.encode()),
                             ("phasewatch.partition", str(record.partition).encode()),
                             ("phasewatch.offset", str(record.offset).encode()),

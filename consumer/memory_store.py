@@ -20,12 +20,15 @@ from consumer.store import (
     EventKey,
     HistoryEntry,
     IngestResult,
+    RawIngestResult,
     StoredTask,
     StoreStats,
     TaskPage,
     TaskQuery,
+    decode_all,
     event_key,
     plan_batch,
+    with_rejections,
 )
 
 __all__ = ["MemoryStore"]
@@ -106,6 +109,18 @@ class MemoryStore:
             self._changes.append(record)
             recorded.append(record)
         return IngestResult(plan.outcomes, recorded)
+
+    async def ingest_raw(
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> RawIngestResult:
+        events, rejected = decode_all(raws)
+        result = await self.ingest(events, source, received_at, record_changes=record_changes)
+        return with_rejections(result, rejected, len(raws))
 
     async def get_task(self, task_id: str) -> StoredTask | None:
         state = self._states.get(task_id)

@@ -35,13 +35,16 @@ from consumer.store import (
     EventKey,
     HistoryEntry,
     IngestResult,
+    RawIngestResult,
     StoredTask,
     StoreStats,
     TaskPage,
     TaskQuery,
+    decode_all,
     decode_keys,
     encode_keys,
     plan_batch,
+    with_rejections,
 )
 
 __all__ = ["SQLiteStore"]
@@ -235,6 +238,18 @@ class SQLiteStore:
         return await self._write(
             lambda con: self._ingest_in_tx(con, batch, source, received_at, record_changes)
         )
+
+    async def ingest_raw(
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> RawIngestResult:
+        events, rejected = decode_all(raws)
+        result = await self.ingest(events, source, received_at, record_changes=record_changes)
+        return with_rejections(result, rejected, len(raws))
 
     def _ingest_in_tx(
         self,

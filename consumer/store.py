@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from consumer.codec import Event, EventFormat
+from consumer.codec import DecodeError, Event, EventFormat, decode
 from consumer.fold import Key, TaskState, apply
 
 __all__ = [
@@ -39,15 +39,19 @@ __all__ = [
     "IngestResult",
     "NewChange",
     "Outcome",
+    "RawIngestResult",
+    "Rejected",
     "Store",
     "StoreStats",
     "StoredTask",
     "TaskPage",
     "TaskQuery",
+    "decode_all",
     "decode_keys",
     "encode_keys",
     "event_key",
     "plan_batch",
+    "with_rejections",
 ]
 
 
@@ -201,6 +205,52 @@ class IngestResult:
     changes: list[ChangeRecord]
 
 
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A raw message that does not decode to an event: stored nowhere, reported back."""
+
+    reason: str  # a DecodeError reason: not_json, not_an_event, invalid_event
+    message: str  # what is wrong, for people
+
+
+@dataclass(frozen=True, slots=True)
+class RawIngestResult:
+    """One outcome per raw message of the batch, in order, and the changes recorded."""
+
+    outcomes: list[Outcome | Rejected]
+    changes: list[ChangeRecord]
+
+    @property
+    def rejected(self) -> list[tuple[int, Rejected]]:
+        return [(i, o) for i, o in enumerate(self.outcomes) if isinstance(o, Rejected)]
+
+
+def decode_all(raws: Sequence[bytes]) -> tuple[list[Event], dict[int, Rejected]]:
+    """Decode a batch of raw messages: the events, and what is wrong with the others
+    (by position)."""
+    events: list[Event] = []
+    rejected: dict[int, Rejected] = {}
+    for i, raw in enumerate(raws):
+        try:
+            events.append(decode(raw))
+        except DecodeError as exc:
+            rejected[i] = Rejected(exc.reason, str(exc))
+    return events, rejected
+
+
+def with_rejections(
+    result: IngestResult, rejected: Mapping[int, Rejected], total: int
+) -> RawIngestResult:
+    """Put the rejections back in their places among the events' outcomes."""
+    if not rejected:
+        return RawIngestResult(list(result.outcomes), result.changes)
+    accepted = iter(result.outcomes)
+    outcomes: list[Outcome | Rejected] = [
+        rejected[i] if i in rejected else next(accepted) for i in range(total)
+    ]
+    return RawIngestResult(outcomes, result.changes)
+
+
 @dataclass(slots=True)
 class BatchPlan:
     """What one batch does to a store; backends write it in one transaction."""
@@ -321,6 +371,19 @@ class Store(Protocol):
         """Store, fold and record the phase changes of a batch, in one transaction.
         All or nothing. ``record_changes=False`` (imports, replays of old history) folds
         without putting changes in the outbox, so handlers do not hear about the past."""
+        ...
+
+    async def ingest_raw(
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> RawIngestResult:
+        """:meth:`ingest` from raw messages: decoding is part of the backend's work (a
+        backend may do it off the caller's process). A message that does not decode is
+        reported as :class:`Rejected` and does not fail its batch."""
         ...
 
     async def get_task(self, task_id: str) -> StoredTask | None: ...

@@ -47,6 +47,44 @@ async def test_duplicates_are_recognised_within_and_across_batches(store: Store)
     assert (await store.stats()).events == 1
 
 
+async def test_ingest_raw_decodes_and_reports_what_it_rejects(store: Store) -> None:
+    raws = [
+        ev("e1", "T", "pending", 1),
+        b"this is not json",
+        b'{"hello": "world"}',
+        webhook_body("e2", {"id": "T", "status": {"updatedAt": 2}}),  # no phase
+        ev("e3", "T", "running", 3),
+        ev("e1", "T", "pending", 1),
+    ]
+    result = await store.ingest_raw(raws, "kafka", 1)
+    assert result.outcomes[0] == Outcome.ACCEPTED
+    assert [(i, r.reason) for i, r in result.rejected] == [
+        (1, "not_json"),
+        (2, "not_an_event"),
+        (3, "invalid_event"),
+    ]
+    assert "status.phase" in result.outcomes[3].message  # type: ignore[union-attr]
+    assert result.outcomes[4:] == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+    assert [(c.previous_phase, c.phase) for c in result.changes] == [
+        (None, "pending"),
+        ("pending", "running"),
+    ]
+    assert [h.event_id for h in await store.task_history("T")] == ["e1", "e3"]
+    assert (await store.stats()).events == 2
+
+
+async def test_event_ids_are_deduplicated_within_their_task(store: Store) -> None:
+    # Livepeer never reuses an event id across tasks; if a producer did, each task still
+    # folds its own event (the history dedups on (task, event id)).
+    result = await store.ingest(
+        [decode(ev("e1", "A", "pending", 1)), decode(ev("e1", "B", "pending", 1))], "w", 1
+    )
+    assert result.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+    assert (await store.get_task("A")) is not None and (await store.get_task("B")) is not None
+    again = await store.ingest([decode(ev("e1", "B", "pending", 1))], "w", 2)
+    assert again.outcomes == [Outcome.DUPLICATE]
+
+
 async def test_older_event_is_kept_in_history_but_changes_nothing(store: Store) -> None:
     await store.ingest([decode(ev("new", "T", "completed", 10))], "webhook", 1)
     before = await store.get_task("T")
@@ -251,3 +289,13 @@ async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> N
         assert stored is not None and stored.phase == "running"
     finally:
         await store.close()
+
+
+async def test_sqlite_refuses_a_database_of_another_schema(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as con:  # what the first release created: no user_version
+        con.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE)")
+    store = SQLiteStore(path)
+    with pytest.raises(RuntimeError, match="schema 1, this version needs 2"):
+        await store.open()
+    await store.close()
