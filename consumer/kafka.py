@@ -28,6 +28,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,9 @@ class KafkaStats:
         }
 
 
+_MAX_INFLIGHT = 2
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, source: KafkaSource) -> None:
         self._source = source
@@ -131,7 +135,9 @@ class KafkaSource:
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
-        self._inflight: asyncio.Task[None] | None = None
+        # Batches handed to the store, oldest first. Each resolves True once stored (and
+        # only if every batch before it was stored too).
+        self._inflight: deque[asyncio.Task[bool]] = deque()
         # Offsets whose records are stored but not yet committed to Kafka, and the task
         # committing them: the next batch goes to the store without waiting for the
         # broker's round trip, and commits coalesce while one is under way.
@@ -200,18 +206,36 @@ class KafkaSource:
             # backend decodes (the default one in its writer process), so this loop stays
             # free to fetch and to feed the writer.
             async with self.batch_lock:
-                await self._stored_inflight()
-                self._inflight = asyncio.create_task(
-                    self._store_and_commit(consumer, records, offsets)
+                # Two batches in the store's queue: the writer starts the next as soon as
+                # it commits one, without waiting for this loop's turn.
+                while len(self._inflight) >= _MAX_INFLIGHT:
+                    await self._settle_oldest()
+                previous = self._inflight[-1] if self._inflight else None
+                self._inflight.append(
+                    asyncio.create_task(
+                        self._store_and_commit(consumer, records, offsets, previous)
+                    )
                 )
 
+    async def _settle_oldest(self) -> None:
+        oldest = self._inflight[0]
+        try:
+            await asyncio.shield(oldest)
+        finally:
+            if self._inflight and self._inflight[0] is oldest:
+                self._inflight.popleft()
+
     async def _stored_inflight(self) -> None:
-        """Wait until the batch in flight is stored (its offsets may still be committing)."""
-        if self._inflight is not None:
-            try:
-                await asyncio.shield(self._inflight)
-            finally:
-                self._inflight = None
+        """Wait until the batches in flight are stored (offsets may still be committing).
+        A batch that failed already stopped the fetch loop; its offsets stay uncommitted
+        and the partition's next owner gets it again."""
+        batches = list(self._inflight)
+        self._inflight.clear()
+        if batches:
+            await asyncio.wait(batches)
+        for batch in batches:
+            if not batch.cancelled() and (exc := batch.exception()) is not None:
+                log.error("batch failed, offsets left uncommitted: %r", exc)
 
     async def drain(self) -> None:
         """Wait until the batch in flight is stored and its offsets committed."""
@@ -227,7 +251,8 @@ class KafkaSource:
         consumer: AIOKafkaConsumer,
         records: list[ConsumerRecord],
         offsets: dict[TopicPartition, int],
-    ) -> None:
+        previous: asyncio.Task[bool] | None,
+    ) -> bool:
         raws = [record.value or b"" for record in records]
         result = None
         while result is None:
@@ -235,10 +260,13 @@ class KafkaSource:
                 result = await self._store.ingest_raw(raws, "kafka", now_ms())
             except Exception:
                 if self._stopping.is_set():
-                    return  # offsets not committed: the next owner gets the batch again
+                    return False  # offsets not committed: the next owner gets it again
                 self.stats.store_retries += 1
                 log.exception("store could not commit a batch of %d; retrying", len(raws))
                 await asyncio.sleep(self._backoff)
+        # Offsets are committed in batch order: never past a batch that is not stored.
+        if previous is not None and not await previous:
+            return False
         # The dead letters must be durable before their offsets are committed.
         await self._dead_letter([(records[i], why) for i, why in result.rejected])
         self.stats.records += len(records)
@@ -249,6 +277,7 @@ class KafkaSource:
         self._stored.update(offsets)
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_stored(consumer))
+        return True
 
     async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
         while self._stored:

@@ -24,7 +24,9 @@ import os
 import pickle
 import socket
 import struct
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,24 @@ def _change_tuple(c: ChangeRecord) -> tuple[Any, ...]:
     )
 
 
+class _WriterDied(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Link:
+    """One writer process and the parent's end of its socket."""
+
+    proc: Any
+    conn: Connection
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    # Replies come back in request order; a caller may send its batch while the one
+    # before is still being written, so the writer never waits for the parent's turn.
+    pending: deque[asyncio.Future[Any]] = field(default_factory=deque)
+    replies: asyncio.Task[None] | None = None
+
+
 class SQLiteProcessStore(SQLiteStore):
     """:class:`SQLiteStore` whose ``ingest`` runs in a child process."""
 
@@ -106,28 +126,29 @@ class SQLiteProcessStore(SQLiteStore):
         self, path: Path | str, *, synchronous: Synchronous = "FULL", record_updates: bool = False
     ) -> None:
         super().__init__(path, synchronous=synchronous, record_updates=record_updates)
-        self._proc: Any = None
-        self._conn: Connection | None = None
-        self._stream: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-        self._lock = asyncio.Lock()
+        self._link: _Link | None = None
+        self._restarting = asyncio.Lock()
+
+    @property
+    def _proc(self) -> Any:
+        return None if self._link is None else self._link.proc
 
     async def open(self) -> None:
         await super().open()  # creates the schema before the child connects
-        await self._spawn()
+        self._link = await self._spawn()
 
-    async def _spawn(self) -> None:
+    async def _spawn(self) -> _Link:
         # spawn, not fork: the parent has threads and an event loop running.
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()  # a Unix socket pair
-        self._proc = ctx.Process(
+        proc = ctx.Process(
             target=_child,
             args=(child, str(self.path), self._synchronous, self.record_updates),
             name="phasewatch-sqlite-writer",
             daemon=True,
         )
-        self._proc.start()
+        proc.start()
         child.close()
-        self._conn = parent
         # The parent talks to the child from the event loop itself, not from a helper
         # thread: a thread blocked on a full socket buffer needs the interpreter lock back
         # after every chunk, and waits a whole switch interval (5 ms) each time the loop
@@ -135,27 +156,31 @@ class SQLiteProcessStore(SQLiteStore):
         sock = socket.socket(fileno=os.dup(parent.fileno()))
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        self._stream = await asyncio.open_unix_connection(sock=sock, limit=_SOCKET_BUFFER)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_SOCKET_BUFFER)
+        link = _Link(proc, parent, reader, writer)
+        link.replies = asyncio.create_task(_read_replies(link), name="sqlite-writer-replies")
+        return link
 
-    async def _stop_child(self, *, graceful: bool) -> None:
-        stream, conn, proc = self._stream, self._conn, self._proc
-        self._stream = self._conn = None
-        if stream is not None:
-            _, writer = stream
-            if graceful:
-                with contextlib.suppress(OSError):
-                    writer.write(_frame(pickle.dumps(None)))
-                    await writer.drain()
-            writer.close()
+    async def _stop(self, link: _Link, *, graceful: bool) -> None:
+        if graceful:
             with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        if conn is not None:
-            conn.close()
-        if proc is not None:
-            await asyncio.get_running_loop().run_in_executor(None, proc.join, 10)
+                link.writer.write(_frame(pickle.dumps(None)))
+                await link.writer.drain()
+        else:
+            link.proc.kill()
+        if link.replies is not None:
+            with contextlib.suppress(Exception):
+                await link.replies  # ends at the child's EOF
+        link.writer.close()
+        with contextlib.suppress(OSError):
+            await link.writer.wait_closed()
+        link.conn.close()
+        await asyncio.get_running_loop().run_in_executor(None, link.proc.join, 10)
 
     async def close(self) -> None:
-        await self._stop_child(graceful=True)
+        link, self._link = self._link, None
+        if link is not None:
+            await self._stop(link, graceful=True)
         await super().close()
 
     async def ingest(
@@ -182,32 +207,57 @@ class SQLiteProcessStore(SQLiteStore):
         *,
         record_changes: bool = True,
     ) -> RawIngestResult:
+        """Batches from concurrent callers are queued to the writer, which commits them
+        one after another, in the order they were sent."""
+        link = self._link
+        if link is None:
+            raise RuntimeError("SQLiteProcessStore is not open")
         request = (list(raws), source, received_at, record_changes)
-        async with self._lock:
-            if self._stream is None:
-                raise RuntimeError("SQLiteProcessStore is not open")
-            reader, writer = self._stream
-            try:
-                writer.write(_frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
-                await writer.drain()
-                (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
-                if size == -1:
-                    (size,) = _LONG.unpack(await reader.readexactly(_LONG.size))
-                reply = await reader.readexactly(size)
-                status, outcomes, changes = pickle.loads(reply)  # noqa: S301 - our own child
-            except (EOFError, OSError, asyncio.IncompleteReadError):
-                # The writer died (killed, out of memory). Start another; this batch fails
-                # (503: the sender retries, and a batch it did commit comes back a
-                # duplicate).
-                await self._stop_child(graceful=False)
-                await self._spawn()
-                raise RuntimeError("SQLite writer process died; a new one was started") from None
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        link.pending.append(reply)
+        try:
+            # One write() per frame: frames of concurrent callers never interleave.
+            link.writer.write(_frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
+            await link.writer.drain()
+            status, outcomes, changes = await reply
+        except (OSError, _WriterDied):
+            # The writer died (killed, out of memory). Start another; this batch fails
+            # (503: the sender retries, and a batch it did commit comes back a duplicate).
+            reply.cancel()
+            await self._restart(link)
+            raise RuntimeError("SQLite writer process died; a new one was started") from None
         if status != "ok":
             raise RuntimeError(f"SQLite writer process failed: {outcomes}")
         return RawIngestResult(
             [Outcome(o) if isinstance(o, str) else Rejected(*o) for o in outcomes],
             [ChangeRecord(*c) for c in changes],
         )
+
+    async def _restart(self, dead: _Link) -> None:
+        async with self._restarting:
+            if self._link is dead:  # not already restarted by another caller
+                self._link = None
+                await self._stop(dead, graceful=False)
+                self._link = await self._spawn()
+
+
+async def _read_replies(link: _Link) -> None:
+    try:
+        while True:
+            (size,) = _HEADER.unpack(await link.reader.readexactly(_HEADER.size))
+            if size == -1:
+                (size,) = _LONG.unpack(await link.reader.readexactly(_LONG.size))
+            reply = pickle.loads(await link.reader.readexactly(size))  # noqa: S301 - our child
+            waiter = link.pending.popleft()
+            if not waiter.done():
+                waiter.set_result(reply)
+    except (OSError, EOFError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        while link.pending:
+            waiter = link.pending.popleft()
+            if not waiter.done():
+                waiter.set_exception(_WriterDied())
 
 
 # multiprocessing.Connection's framing, which the child reads and writes.
