@@ -33,6 +33,7 @@ import orjson
 from consumer.model import is_number
 
 __all__ = [
+    "HTTP_STATUS",
     "DecodeError",
     "Event",
     "EventFormat",
@@ -70,6 +71,10 @@ class NotAnEvent(DecodeError):
 class InvalidEvent(DecodeError):
     reason = "invalid_event"
     http_status = 422
+
+
+HTTP_STATUS = {cls.reason: cls.http_status for cls in (NotJSON, NotAnEvent, InvalidEvent)}
+"""The HTTP status a webhook sender gets for each decode error reason."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,12 +30,20 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from consumer.codec import DecodeError, Event, decode
+from consumer.codec import HTTP_STATUS
 from consumer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from consumer.metrics import render as render_metrics
 from consumer.secrets import redact, redact_text
 from consumer.signature import SignatureError, verify
-from consumer.store import ChangeRecord, Cursor, Delivery, DeliveryStatus, Store, TaskQuery
+from consumer.store import (
+    ChangeRecord,
+    Cursor,
+    Delivery,
+    DeliveryStatus,
+    Rejected,
+    Store,
+    TaskQuery,
+)
 from consumer.times import parse_time
 
 __all__ = ["EventSink", "HttpConfig", "StatusFn", "build_app"]
@@ -55,10 +63,11 @@ class HttpConfig:
 
 
 class EventSink(Protocol):
-    """Where an accepted webhook goes: the store (via the group-commit ingestor) or, in
-    forward mode, a Kafka topic. Returns a status word once the event is durable."""
+    """Where a verified webhook body goes: the store (via the group-commit ingestor) or,
+    in forward mode, a Kafka topic. Returns a status word once the event is durable, or
+    what is wrong with the body (nothing of it is kept then)."""
 
-    async def submit(self, event: Event) -> str: ...
+    async def submit(self, raw: bytes) -> str | Rejected: ...
 
 
 StatusFn = Callable[[], Awaitable[dict[str, Any]]]
@@ -166,16 +175,16 @@ async def receive_webhook(request: web.Request) -> web.Response:
         except SignatureError as exc:
             return error(401, "bad_signature", str(exc))
     try:
-        event = decode(body)
-    except DecodeError as exc:
-        return error(exc.http_status, exc.reason, str(exc))
-    try:
-        outcome = await request.app[SINK_KEY].submit(event)
+        # Decoded where it is stored (by default in the writer process): a body that is
+        # not an event comes back rejected, with what is wrong.
+        outcome = await request.app[SINK_KEY].submit(body)
     except Exception:
         # Our fault, not the sender's: 503 so Livepeer retries later.
-        log.exception("could not make event %s durable", event.id)
+        log.exception("could not make a webhook body durable")
         return error(503, "store_unavailable", "event not committed; retry later")
-    return json_response({"status": str(outcome), "id": event.id})
+    if isinstance(outcome, Rejected):
+        return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message)
+    return json_response({"status": str(outcome)})
 
 
 def _too_large(config: HttpConfig) -> web.Response:

@@ -4,8 +4,9 @@ A webhook request must not be acknowledged before its event is committed, and pa
 one commit (one fsync) per request caps throughput at the disk's fsync rate. The
 :class:`Ingestor` queues submissions; a single loop takes everything queued (up to
 ``max_batch``), commits it with one :meth:`Store.ingest` call, and resolves every
-submitter at once. Under load batches grow by themselves; when idle, a lone event
-commits immediately (no timer, no added latency).
+submitter at once. With ``max_inflight`` > 1 the next batch is handed over while one
+commits, for a store that queues batches to a writer of its own. Under load batches grow
+by themselves; when idle, a lone event commits immediately (no timer, no added latency).
 
 If a batch fails as a whole, its events are retried one by one so that one event the
 store cannot take does not fail its neighbours.
@@ -20,8 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from consumer.codec import Event
-from consumer.store import ChangeRecord, IngestResult, Outcome, Store
+from consumer.store import ChangeRecord, Outcome, RawIngestResult, Rejected, Store
 
 __all__ = ["IngestStats", "Ingestor", "now_ms"]
 
@@ -36,6 +36,7 @@ def now_ms() -> int:
 class IngestStats:
     accepted: int = 0
     duplicates: int = 0
+    rejected: int = 0
     batches: int = 0
     failed: int = 0
     largest_batch: int = 0
@@ -43,8 +44,8 @@ class IngestStats:
 
 @dataclass(slots=True)
 class _Pending:
-    event: Event
-    future: asyncio.Future[Outcome]
+    raw: bytes
+    future: asyncio.Future[Outcome | Rejected]
 
 
 ChangeSink = Callable[[Sequence[ChangeRecord]], None]
@@ -57,11 +58,13 @@ class Ingestor:
         *,
         source: str,
         max_batch: int = 512,
+        max_inflight: int = 1,
         on_changes: ChangeSink | None = None,
     ) -> None:
         self._store = store
         self._source = source
         self._max_batch = max_batch
+        self._max_inflight = max_inflight
         self._on_changes = on_changes
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -80,31 +83,43 @@ class Ingestor:
             await self._task
         self._task = None
 
-    async def submit(self, event: Event) -> Outcome:
-        """Resolve once the event is committed (or known to be a duplicate)."""
+    async def submit(self, raw: bytes) -> Outcome | Rejected:
+        """Resolve once the message is committed (or known to be a duplicate), or with
+        what is wrong with it. Decoding is the store's work (see
+        :meth:`Store.ingest_raw`), off this process with the default store."""
         if self._task is None:
             raise RuntimeError("Ingestor is not started")
-        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(event, future))
+        future: asyncio.Future[Outcome | Rejected] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(raw, future))
         return await future
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self._max_inflight)
+        batches: set[asyncio.Task[None]] = set()
         while True:
+            # A batch starts when a slot is free and takes everything queued by then.
+            await slots.acquire()
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            try:
-                await self._commit(batch)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
+            task = asyncio.create_task(self._commit_batch(batch, slots))
+            batches.add(task)  # held until done: the loop keeps only weak references
+            task.add_done_callback(batches.discard)
+
+    async def _commit_batch(self, batch: list[_Pending], slots: asyncio.Semaphore) -> None:
+        try:
+            await self._commit(batch)
+        finally:
+            slots.release()
+            for _ in batch:
+                self._queue.task_done()
 
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
-            result = await self._store.ingest([p.event for p in batch], self._source, now_ms())
+            result = await self._store.ingest_raw([p.raw for p in batch], self._source, now_ms())
         except Exception:
             if len(batch) == 1:
-                log.exception("store could not commit event %s", batch[0].event.id)
+                log.exception("store could not commit a message of %d bytes", len(batch[0].raw))
                 self.stats.failed += 1
                 _settle(batch[0].future, exc=RuntimeError("store unavailable"))
                 return
@@ -115,14 +130,16 @@ class Ingestor:
         self.stats.batches += 1
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for pending, outcome in zip(batch, result.outcomes, strict=True):
-            if outcome is Outcome.DUPLICATE:
+            if isinstance(outcome, Rejected):
+                self.stats.rejected += 1
+            elif outcome is Outcome.DUPLICATE:
                 self.stats.duplicates += 1
             else:
                 self.stats.accepted += 1
             _settle(pending.future, outcome)
         self._publish(result)
 
-    def _publish(self, result: IngestResult) -> None:
+    def _publish(self, result: RawIngestResult) -> None:
         if result.changes and self._on_changes is not None:
             try:
                 self._on_changes(result.changes)
@@ -132,7 +149,9 @@ class Ingestor:
 
 
 def _settle(
-    future: asyncio.Future[Outcome], outcome: Outcome | None = None, exc: Exception | None = None
+    future: asyncio.Future[Outcome | Rejected],
+    outcome: Outcome | Rejected | None = None,
+    exc: Exception | None = None,
 ) -> None:
     # The submitter may have gone away (client disconnected): its event is still committed.
     if future.done():

@@ -358,9 +358,13 @@ class KafkaForwarder:
             await self._producer.stop()
             self._producer = None
 
-    async def submit(self, event: Event) -> str:
+    async def submit(self, raw: bytes) -> str | Rejected:
         if self._producer is None:
             raise RuntimeError("KafkaForwarder is not started")
+        try:
+            event = decode(raw)  # bad input is the sender's to hear about, not the topic's
+        except DecodeError as exc:
+            return Rejected(exc.reason, str(exc))
         key = (event.task_id or event.id).encode()
         await self._producer.send_and_wait(self._topic, value=event.raw, key=key)
         self.forwarded += 1
