@@ -85,7 +85,10 @@ def main() -> None:
     if args.child:
         print(json.dumps(asyncio.run(child(args.db, args.child == "check"))))
         return
-    db = REPO / "bench" / "results" / f"rebuild-{args.events}.db"
+    from consumer.sqlite_store import SCHEMA_VERSION
+
+    # Keyed by schema: a database of another schema is refused at open.
+    db = REPO / "bench" / "results" / f"rebuild-{args.events}-schema{SCHEMA_VERSION}.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     if not db.exists():
         asyncio.run(fill(db, args.events))

@@ -7,7 +7,7 @@ in a child process that owns a writer connection to the same database file: it d
 the raw events again (cheap, and it keeps the wire format the only interface), folds
 them and commits, in parallel with the parent's event loop. Everything else (reads,
 delivery records, leases) stays in the parent on the ordinary :class:`SQLiteStore`;
-SQLite's file lock arbitrates the two writers (``BEGIN IMMEDIATE``, busy timeout). If
+SQLite's file lock arbitrates the two writers (:func:`begin_immediate`). If
 the child dies, the batch in flight fails (the caller answers 503) and a new child is
 started.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.codec import Event
-from consumer.sqlite_store import SQLiteStore, Synchronous
+from consumer.sqlite_store import SQLiteStore, Synchronous, begin_immediate
 from consumer.store import (
     ChangeRecord,
     IngestResult,
@@ -88,7 +88,7 @@ def _commit(
     if not requests:
         return []
     try:
-        con.execute("BEGIN IMMEDIATE")
+        begin_immediate(con)
         try:
             replies = [_ingest(store, con, request) for request in requests]
             con.execute("COMMIT")

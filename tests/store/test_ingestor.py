@@ -1,0 +1,121 @@
+"""The group-commit ingestor: batches, outcomes per submitter, batches in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from consumer.ingest import Ingestor
+from consumer.memory_store import MemoryStore
+from consumer.store import Outcome, RawIngestResult, Rejected
+from tests.support import snapshot, webhook_body
+
+
+def body(event_id: str, task_id: str, phase: str, t: int) -> bytes:
+    return webhook_body(event_id, snapshot(task_id, phase, t))
+
+
+class GatedStore:
+    """The memory store, with each ingest_raw call held until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.inner = MemoryStore()
+        self.gate = asyncio.Event()
+        self.running = 0
+        self.most_running = 0
+        self.batches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def ingest_raw(
+        self, raws: Sequence[bytes], source: str, received_at: int, **kw: Any
+    ) -> RawIngestResult:
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.gate.wait()
+            self.batches.append(len(raws))
+            return await self.inner.ingest_raw(raws, source, received_at, **kw)
+        finally:
+            self.running -= 1
+
+
+async def test_each_submitter_gets_its_own_outcome() -> None:
+    store = MemoryStore()
+    ingestor = Ingestor(store, source="webhook")
+    await ingestor.start()
+    try:
+        results = await asyncio.gather(
+            ingestor.submit(body("e1", "T", "pending", 1)),
+            ingestor.submit(b"not json"),
+            ingestor.submit(body("e2", "T", "running", 2)),
+            ingestor.submit(body("e1", "T", "pending", 1)),
+        )
+    finally:
+        await ingestor.stop()
+    assert results[0] == Outcome.ACCEPTED
+    assert isinstance(results[1], Rejected) and results[1].reason == "not_json"
+    assert results[2:] == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+    assert (ingestor.stats.accepted, ingestor.stats.duplicates, ingestor.stats.rejected) == (
+        2,
+        1,
+        1,
+    )
+    stored = await store.get_task("T")
+    assert stored is not None and stored.phase == "running"
+
+
+@pytest.mark.parametrize("max_inflight", [1, 2])
+async def test_batches_in_flight_are_bounded_and_group_what_waits(max_inflight: int) -> None:
+    store = GatedStore()
+    ingestor = Ingestor(store, source="webhook", max_inflight=max_inflight)  # type: ignore[arg-type]
+    await ingestor.start()
+    try:
+        first = [
+            asyncio.create_task(ingestor.submit(body(f"a{i}", f"T{i}", "pending", 1)))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        later = [
+            asyncio.create_task(ingestor.submit(body(f"b{i}", f"T{i}", "running", 2)))
+            for i in range(50)
+        ]
+        await asyncio.sleep(0.05)
+        assert store.running == max_inflight  # held at the gate, no more than allowed
+        store.gate.set()
+        outcomes = await asyncio.gather(*first, *later)
+    finally:
+        await ingestor.stop()
+    assert store.most_running == max_inflight
+    assert outcomes == [Outcome.ACCEPTED] * 53
+    # What queued while the store was busy went in as one batch, not 50.
+    assert len(store.batches) <= max_inflight + 1
+    assert sum(store.batches) == 53
+
+
+async def test_a_batch_the_store_refuses_is_retried_event_by_event() -> None:
+    class Picky(GatedStore):
+        async def ingest_raw(
+            self, raws: Sequence[bytes], source: str, received_at: int, **kw: Any
+        ) -> RawIngestResult:
+            if any(b'"poison"' in raw for raw in raws):
+                raise RuntimeError("store cannot take this one")
+            return await self.inner.ingest_raw(raws, source, received_at, **kw)
+
+    store = Picky()
+    ingestor = Ingestor(store, source="webhook")  # type: ignore[arg-type]
+    await ingestor.start()
+    try:
+        good = ingestor.submit(body("g1", "T", "pending", 1))
+        bad = ingestor.submit(body("poison", "U", "pending", 1))
+        results = await asyncio.gather(good, bad, return_exceptions=True)
+    finally:
+        await ingestor.stop()
+    assert results[0] == Outcome.ACCEPTED
+    assert isinstance(results[1], RuntimeError)
+    assert ingestor.stats.failed == 1
+    assert await store.inner.get_task("T") is not None
