@@ -44,6 +44,11 @@ class _Snapshot(Collector):
             ingest["duplicates"],
         )
         yield _counter(
+            "phasewatch_webhook_events_rejected",
+            "Webhook bodies that are not a usable event (answered 400 or 422).",
+            ingest["rejected"],
+        )
+        yield _counter(
             "phasewatch_webhook_commits", "Group commits of webhook events.", ingest["batches"]
         )
         yield _counter(

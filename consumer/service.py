@@ -107,6 +107,7 @@ class Service:
             "ingest": {
                 "accepted": ingest.accepted,
                 "duplicates": ingest.duplicates,
+                "rejected": ingest.rejected,
                 "batches": ingest.batches,
                 "largestBatch": ingest.largest_batch,
                 "failed": ingest.failed,

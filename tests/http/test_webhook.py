@@ -236,6 +236,9 @@ async def test_barrage_of_bad_input_leaves_service_healthy_and_data_intact(
     assert (await client.get("/healthz")).status == 200
     ready = await (await client.get("/readyz")).json()
     assert ready["events"] == len({d.doc["id"] for d in good})
+    # Every signed body that is not a usable event was counted, and nothing else was.
+    undecodable = 5 * sum(1 for *_, status, _ in BAD_INPUT if status in (400, 422)) + 1
+    assert ready["ingest"]["rejected"] == undecodable
 
 
 async def test_unsigned_webhooks_accepted_when_no_secret(make_client: MakeClient) -> None:
