@@ -25,10 +25,9 @@ from consumer.store import (
     StoreStats,
     TaskPage,
     TaskQuery,
-    decode_all,
     event_key,
+    ingest_decoded,
     plan_batch,
-    with_rejections,
 )
 
 __all__ = ["MemoryStore"]
@@ -118,9 +117,7 @@ class MemoryStore:
         *,
         record_changes: bool = True,
     ) -> RawIngestResult:
-        events, rejected = decode_all(raws)
-        result = await self.ingest(events, source, received_at, record_changes=record_changes)
-        return with_rejections(result, rejected, len(raws))
+        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 
     async def get_task(self, task_id: str) -> StoredTask | None:
         state = self._states.get(task_id)

@@ -1,15 +1,20 @@
 """SQLite with ingestion in a child process: the same store, both cores.
 
 CPython runs one thread of Python at a time. With the embedded store, the event loop
-(HTTP, signatures, decoding) and the SQLite writer (fold, encoding, SQL) share that one
-interpreter lock, so a 2-core machine works like a 1-core one. Here :meth:`ingest` runs
-in a child process that owns a writer connection to the same database file: it decodes
-the raw events again (cheap, and it keeps the wire format the only interface), folds
-them and commits, in parallel with the parent's event loop. Everything else (reads,
-delivery records, leases) stays in the parent on the ordinary :class:`SQLiteStore`;
-SQLite's file lock arbitrates the two writers (:func:`begin_immediate`). If
-the child dies, the batch in flight fails (the caller answers 503) and a new child is
-started.
+(HTTP, signatures) and the SQLite writer (decoding, fold, encoding, SQL) share that one
+interpreter lock, so a 2-core machine works like a 1-core one. Here :meth:`ingest_raw`
+runs in a child process that owns a writer connection to the same database file: it
+decodes the raw messages (the wire format is the only interface; the parent never
+parses them), folds them and commits, in parallel with the parent's event loop.
+
+Batches are queued to the child over a socket pair that the parent drives from its
+event loop; replies come back in order. The child commits every request it finds
+queued in one transaction, so callers may hand it the next batch while one commits.
+
+Everything else (reads, delivery records, leases) stays in the parent on the ordinary
+:class:`SQLiteStore`; SQLite's file lock arbitrates the two writers
+(:func:`begin_immediate`). If the child dies, the batches in flight fail (the caller
+answers 503 or retries) and a new child is started.
 
 Semantics are the store's own: the child runs the same ``_ingest_in_tx``.
 """

@@ -41,11 +41,10 @@ from consumer.store import (
     StoreStats,
     TaskPage,
     TaskQuery,
-    decode_all,
     decode_keys,
     encode_keys,
+    ingest_decoded,
     plan_batch,
-    with_rejections,
 )
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore", "begin_immediate"]
@@ -274,9 +273,7 @@ class SQLiteStore:
         *,
         record_changes: bool = True,
     ) -> RawIngestResult:
-        events, rejected = decode_all(raws)
-        result = await self.ingest(events, source, received_at, record_changes=record_changes)
-        return with_rejections(result, rejected, len(raws))
+        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 
     def _ingest_in_tx(
         self,

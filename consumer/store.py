@@ -50,6 +50,7 @@ __all__ = [
     "decode_keys",
     "encode_keys",
     "event_key",
+    "ingest_decoded",
     "plan_batch",
     "with_rejections",
 ]
@@ -236,6 +237,21 @@ def decode_all(raws: Sequence[bytes]) -> tuple[list[Event], dict[int, Rejected]]
         except DecodeError as exc:
             rejected[i] = Rejected(exc.reason, str(exc))
     return events, rejected
+
+
+async def ingest_decoded(
+    store: Store,
+    raws: Sequence[bytes],
+    source: str,
+    received_at: int,
+    *,
+    record_changes: bool = True,
+) -> RawIngestResult:
+    """:meth:`Store.ingest_raw` for a backend that decodes where it runs: decode here,
+    ingest the events, put the rejections back in place."""
+    events, rejected = decode_all(raws)
+    result = await store.ingest(events, source, received_at, record_changes=record_changes)
+    return with_rejections(result, rejected, len(raws))
 
 
 def with_rejections(
