@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -287,6 +290,44 @@ async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> N
         ]
         stored = await store.get_task("T")
         assert stored is not None and stored.phase == "running"
+    finally:
+        await store.close()
+
+
+async def test_process_writer_answers_queued_batches_in_order(tmp_path: Path) -> None:
+    store = SQLiteProcessStore(tmp_path / "q.db")
+    await store.open()
+    try:
+        # Batch i repeats batch i-1's event: a duplicate only if they commit in order.
+        batches = [[ev(f"e{i}", "T", "running", i)] for i in range(12)]
+        batches = [b + (batches[i - 1] if i else []) for i, b in enumerate(batches)]
+        results = await asyncio.gather(
+            *(store.ingest_raw(b, "w", i) for i, b in enumerate(batches))
+        )
+        assert results[0].outcomes == [Outcome.ACCEPTED]
+        assert all(r.outcomes == [Outcome.ACCEPTED, Outcome.DUPLICATE] for r in results[1:])
+        assert [c.event_id for r in results for c in r.changes] == ["e0"]
+    finally:
+        await store.close()
+
+
+async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path) -> None:
+    store = SQLiteProcessStore(tmp_path / "d.db")
+    await store.open()
+    try:
+        first = store._proc
+        os.kill(first.pid, signal.SIGSTOP)  # batches queue up behind a stuck writer
+        queued = [
+            asyncio.create_task(store.ingest_raw([ev(f"x{i}", "U", "pending", i)], "w", i))
+            for i in range(3)
+        ]
+        await asyncio.sleep(0.2)
+        os.kill(first.pid, signal.SIGKILL)
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) and "died" in str(r) for r in results)
+        assert store._proc is not first and store._proc.is_alive()  # one new writer
+        again = await store.ingest_raw([ev("x0", "U", "pending", 0)], "w", 9)
+        assert again.outcomes == [Outcome.ACCEPTED]
     finally:
         await store.close()
 
