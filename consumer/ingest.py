@@ -3,7 +3,7 @@
 A webhook request must not be acknowledged before its event is committed, and paying
 one commit (one fsync) per request caps throughput at the disk's fsync rate. The
 :class:`Ingestor` queues submissions; a single loop takes everything queued (up to
-``max_batch``), commits it with one :meth:`Store.ingest` call, and resolves every
+``max_batch``), commits it with one :meth:`Store.ingest_raw` call, and resolves every
 submitter at once. With ``max_inflight`` > 1 the next batch is handed over while one
 commits, for a store that queues batches to a writer of its own. Under load batches grow
 by themselves; when idle, a lone event commits immediately (no timer, no added latency).

@@ -11,9 +11,10 @@ nothing and records no second phase change.
 
 Three stages overlap: while one batch is decoded, folded and committed by the store (in
 its writer process, by default), the next is fetched, and the offsets of the previous
-one are committed to Kafka. Only one batch is ever in the store, and offset commits run
-one at a time in batch order. Rebalances: the listener waits for the batch in flight and
-its offset commit, so partitions are only given up after their offsets are committed.
+one are committed to Kafka. At most two batches wait in the store's queue, and offset
+commits run one at a time, in batch order, never past a batch that is not stored.
+Rebalances: the listener waits for the batches in flight and their offset commits, so
+partitions are only given up after their offsets are committed.
 
 If the store cannot commit, the batch is retried with backoff and its offsets are not
 committed: the partition waits for the store rather than skipping data. Poison records
@@ -43,7 +44,7 @@ from aiokafka.helpers import create_ssl_context
 from consumer.codec import DecodeError, Event, decode
 from consumer.ingest import ChangeSink, now_ms
 from consumer.settings import Settings
-from consumer.store import Rejected, Store
+from consumer.store import Rejected, Store, decode_all
 
 __all__ = ["KafkaForwarder", "KafkaPublisher", "KafkaSource", "KafkaStats", "client_options"]
 
@@ -309,14 +310,14 @@ class KafkaSource:
                         value=record.value,
                         key=record.key,
                         headers=[
-                            ("phasewatch.reason", exc.reason.encode()),
-                            ("phasewatch.error", exc.message[:1000].encode()),
+                            ("phasewatch.reason", why.reason.encode()),
+                            ("phasewatch.error", why.message[:1000].encode()),
                             ("phasewatch.topic", record.topic.encode()),
                             ("phasewatch.partition", str(record.partition).encode()),
                             ("phasewatch.offset", str(record.offset).encode()),
                         ],
                     )
-                    for record, exc in poison
+                    for record, why in poison
                 ]
                 await asyncio.gather(*sends)
                 break
@@ -324,13 +325,13 @@ class KafkaSource:
                 log.warning("dead-letter produce failed (%s); retrying", produce_error)
                 await asyncio.sleep(self._backoff)
         self.stats.poison += len(poison)
-        for record, exc in poison:
+        for record, why in poison:
             log.warning(
                 "poison record %s[%d]@%d -> DLQ: %s",
                 record.topic,
                 record.partition,
                 record.offset,
-                exc.reason,
+                why.reason,
             )
 
 
@@ -361,10 +362,11 @@ class KafkaForwarder:
     async def submit(self, raw: bytes) -> str | Rejected:
         if self._producer is None:
             raise RuntimeError("KafkaForwarder is not started")
-        try:
-            event = decode(raw)  # bad input is the sender's to hear about, not the topic's
-        except DecodeError as exc:
-            return Rejected(exc.reason, str(exc))
+        # Bad input is the sender's to hear about, not the topic's.
+        events, rejected = decode_all([raw])
+        if rejected:
+            return rejected[0]
+        event = events[0]
         key = (event.task_id or event.id).encode()
         await self._producer.send_and_wait(self._topic, value=event.raw, key=key)
         self.forwarded += 1
