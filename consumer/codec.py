@@ -77,9 +77,11 @@ HTTP_STATUS = {cls.reason: cls.http_status for cls in (NotJSON, NotAnEvent, Inva
 """The HTTP status a webhook sender gets for each decode error reason."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """One accepted event. Task events carry a snapshot; others (asset.*, ...) do not.
+    Treat it as immutable (not frozen only because a frozen dataclass takes four times as
+    long to build, and every consumed message builds one).
 
     ``snapshot`` is the Task object exactly as received (a JSON object), ``raw`` the bytes
     as received, kept for the history and for replays.

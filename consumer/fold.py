@@ -20,7 +20,7 @@ from typing import Any
 
 from consumer.codec import Event
 
-__all__ = ["Applied", "Key", "TaskState", "Transition", "apply", "event_key"]
+__all__ = ["Applied", "Key", "TaskState", "Transition", "apply", "event_key", "fold_into"]
 
 Key = tuple[int | float, int | float, str]
 """``(status.updatedAt, event createdAt, event id)``: total order of a task's snapshots."""
@@ -95,27 +95,37 @@ def apply(state: TaskState | None, event: Event) -> Applied:
         keys = dict.fromkeys(snapshot, key)
         first = Transition(None, str(snapshot["status"]["phase"]))
         return Applied(TaskState(task, keys), True, first)
+    new_task, new_keys = dict(state.task), dict(state.keys)
+    took, changed = fold_into(new_task, new_keys, snapshot, key)
+    if not took:
+        return Applied(state, False, None)
+    previous, phase = state.phase, str(new_task["status"]["phase"])
+    transition = Transition(previous, phase) if phase != previous else None
+    return Applied(TaskState(new_task, new_keys), changed, transition)
 
-    task = state.task
-    keys = state.keys
-    new_task: dict[str, Any] | None = None
-    new_keys: dict[str, Key] | None = None
+
+def fold_into(
+    task: dict[str, Any], keys: dict[str, Key], snapshot: dict[str, Any], key: Key
+) -> tuple[bool, bool]:
+    """The fold's one rule, in place: each top-level field of ``snapshot`` replaces the
+    task's unless the task's came from a snapshot ordered at or after ``key``.
+
+    Returns ``(took, changed)``: whether any field was taken (its key at least is new),
+    and whether any value differs. Same value under a newer key is still a new key to
+    remember (the join must keep the maximum), but not a change anyone needs to hear
+    about. For callers that own ``task`` and ``keys`` (:func:`apply` copies first; a
+    batch planner folds many events into one working copy)."""
+    took = changed = False
     for field, value in snapshot.items():
         held = keys.get(field)
         if held is not None and held >= key:
             continue
-        if new_task is None or new_keys is None:
-            new_task, new_keys = dict(task), dict(keys)
-        new_task[field] = value
-        new_keys[field] = key
-    if new_task is None or new_keys is None:
-        return Applied(state, False, None)
-    # Same value under a newer key is still a new key to remember (the join must keep the
-    # maximum), but it is not a change anyone needs to hear about.
-    changed = any(new_task[f] != task.get(f, _MISSING) for f in snapshot if new_keys[f] == key)
-    previous, phase = state.phase, str(new_task["status"]["phase"])
-    transition = Transition(previous, phase) if phase != previous else None
-    return Applied(TaskState(new_task, new_keys), changed, transition)
+        took = True
+        if not changed and task.get(field, _MISSING) != value:
+            changed = True
+        task[field] = value
+        keys[field] = key
+    return took, changed
 
 
 _MISSING = object()
