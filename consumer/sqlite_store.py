@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,6 +30,7 @@ import orjson
 from consumer.codec import Event, EventFormat, decode
 from consumer.fold import TaskState
 from consumer.store import (
+    BatchPlan,
     ChangeRecord,
     Cursor,
     Delivery,
@@ -43,11 +45,23 @@ from consumer.store import (
     TaskQuery,
     decode_keys,
     encode_keys,
+    event_key,
     ingest_decoded,
     plan_batch,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore", "begin_immediate"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Current",
+    "Rows",
+    "SQLiteStore",
+    "begin_immediate",
+    "known_events",
+    "plan_rows",
+    "read_current",
+    "read_for_planning",
+    "write_rows",
+]
 
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -272,6 +286,7 @@ class SQLiteStore:
         received_at: int,
         *,
         record_changes: bool = True,
+        decode_here: bool = False,  # this store decodes in the caller's process anyway
     ) -> RawIngestResult:
         return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 
@@ -283,107 +298,36 @@ class SQLiteStore:
         received_at: int,
         record_changes: bool = True,
     ) -> IngestResult:
-        touched = list({e.task_id for e in events if e.task_id is not None})
-        numbers: dict[str, int] = {}
-        states: dict[str, TaskState] = {}
-        versions: dict[str, int] = {}
-        for no, task_id, doc, keys, version in _select_in(
-            con,
-            "SELECT n.no, n.id, t.doc, t.keys, t.version FROM task_numbers AS n"
-            " LEFT JOIN tasks AS t ON t.no = n.no WHERE n.id IN ({})",
-            touched,
-        ):
-            numbers[task_id] = no
-            if doc is not None:  # else the view lost the row: a rebuild repairs it
-                states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
-                versions[task_id] = version
+        current = read_current(con, {e.task_id for e in events if e.task_id is not None})
+        states = {
+            task_id: TaskState(orjson.loads(c.doc), decode_keys(c.keys))
+            for task_id, c in current.items()
+            if c.doc is not None and c.keys is not None  # else the view lost the row
+        }
+        numbers = {task_id: c.no for task_id, c in current.items()}
         plan = plan_batch(
             events,
-            _known_events(con, events, numbers),
+            known_events(con, [event_key(e) for e in events], numbers),
             states,
             record_updates=self.record_updates,
             record_changes=record_changes,
         )
-        new_tasks = [t for t in plan.states if t not in numbers]
-        if new_tasks:
-            # We hold the write lock: the next numbers are ours to hand out.
-            (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
-            fresh = list(zip(range(top + 1, top + 1 + len(new_tasks)), new_tasks, strict=True))
-            con.executemany("INSERT INTO task_numbers (no, id) VALUES (?, ?)", fresh)
-            numbers.update((task_id, no) for no, task_id in fresh)
-
-        con.executemany(
-            "INSERT INTO events (event_id, task_no, task_id, kind, format, source, received_at,"
-            " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    e.id,
-                    None if e.task_id is None else numbers[e.task_id],
-                    e.task_id,
-                    e.kind,
-                    e.format.value,
-                    source,
-                    received_at,
-                    e.created_at,
-                    e.updated_at,
-                    e.raw,
-                )
-                for e in plan.new_events
-            ],
-        )
-        con.executemany(
-            "INSERT INTO tasks (no, id, type, phase, updated_at, doc, keys, version)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (no) DO UPDATE SET type = excluded.type,"
-            " phase = excluded.phase, updated_at = excluded.updated_at,"
-            " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
-            [
-                (
-                    numbers[task_id],
-                    *_task_row(task_id, s),
-                    versions.get(task_id, 0) + (task_id in plan.versions_bumped),
-                )
-                for task_id, s in plan.states.items()
-            ],
-        )
-        recorded: list[ChangeRecord] = []
-        if plan.changes:
-            # Same for the outbox: explicit seqs let one executemany replace a RETURNING
-            # round trip per change.
-            row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-            base = row[0] if row else 0
-            recorded = [
-                ChangeRecord(
-                    base + i,
-                    c.task_id,
-                    c.event_id,
-                    c.previous_phase,
-                    c.phase,
-                    c.changed_at,
-                    received_at,
-                    c.task,
-                    c.kind,
-                )
-                for i, c in enumerate(plan.changes, start=1)
-            ]
-            con.executemany(
-                "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
-                " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.seq,
-                        numbers[r.task_id],
-                        r.task_id,
-                        r.event_id,
-                        r.previous_phase,
-                        r.phase,
-                        r.changed_at,
-                        r.recorded_at,
-                        orjson.dumps(r.task),
-                        r.kind,
-                    )
-                    for r in recorded
-                ],
+        rows = plan_rows(plan)
+        base = write_rows(con, rows, current, source, received_at)
+        recorded = [
+            ChangeRecord(
+                base + i,
+                c.task_id,
+                c.event_id,
+                c.previous_phase,
+                c.phase,
+                c.changed_at,
+                received_at,
+                c.task,
+                c.kind,
             )
+            for i, c in enumerate(plan.changes, start=1)
+        ]
         return IngestResult(plan.outcomes, recorded)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -732,30 +676,216 @@ def _change(row: Any) -> ChangeRecord:
     )
 
 
-def _known_events(
-    con: sqlite3.Connection, events: Sequence[Event], numbers: Mapping[str, int]
-) -> list[EventKey]:
-    """The keys among ``events`` that the history already holds. A task not numbered yet
-    has no history, so only known tasks' events are looked up, by (task no, event id)."""
-    pairs = list(
-        {(numbers[t], e.id) for e in events if (t := e.task_id) is not None and t in numbers}
+@dataclass(slots=True)
+class Current:
+    """A task as the write transaction finds it: its number, and its view row (None when
+    the view has no row: a rebuild repairs a lost one)."""
+
+    no: int
+    doc: bytes | None
+    keys: bytes | None
+    version: int
+
+
+def read_current(con: sqlite3.Connection, task_ids: Iterable[str]) -> dict[str, Current]:
+    """The numbered tasks among ``task_ids`` (a task with no number has no history)."""
+    return {
+        task_id: Current(no, doc, keys, version or 0)
+        for no, task_id, doc, keys, version in _select_in(
+            con,
+            "SELECT n.no, n.id, t.doc, t.keys, t.version FROM task_numbers AS n"
+            " LEFT JOIN tasks AS t ON t.no = n.no WHERE n.id IN ({})",
+            list(task_ids),
+        )
+    }
+
+
+@dataclass(slots=True)
+class Rows:
+    """A planned batch as the rows it writes: plain tuples, so that a batch planned in one
+    process can be written by another.
+
+    * ``events``: ``(event_id, task_id, kind, format, created_at, updated_at, raw)``;
+    * ``tasks``: ``(task_id, type, phase, updated_at, doc, keys, version bumped)``;
+    * ``changes``: ``(task_id, event_id, previous_phase, phase, changed_at, task, kind)``,
+      the task as JSON; their outbox seqs follow the store's last one, in order.
+    """
+
+    events: list[tuple[Any, ...]]
+    tasks: list[tuple[Any, ...]]
+    changes: list[tuple[Any, ...]]
+
+
+def plan_rows(plan: BatchPlan) -> Rows:
+    """The rows that write ``plan``. Pure."""
+    return Rows(
+        [
+            (e.id, e.task_id, e.kind, e.format.value, e.created_at, e.updated_at, e.raw)
+            for e in plan.new_events
+        ],
+        [
+            (*_task_row(task_id, s), task_id in plan.versions_bumped)
+            for task_id, s in plan.states.items()
+        ],
+        [
+            (
+                c.task_id,
+                c.event_id,
+                c.previous_phase,
+                c.phase,
+                c.changed_at,
+                orjson.dumps(c.task),
+                c.kind,
+            )
+            for c in plan.changes
+        ],
     )
-    untasked = list({e.id for e in events if e.task_id is None})
+
+
+def write_rows(
+    con: sqlite3.Connection,
+    rows: Rows,
+    current: Mapping[str, Current],
+    source: str,
+    received_at: int,
+) -> int:
+    """Write a planned batch inside the caller's transaction; ``current`` holds at least
+    the numbered tasks among those the rows touch. Returns the outbox seq the batch's
+    changes follow (the first is that plus one)."""
+    numbers = {task_id: c.no for task_id, c in current.items()}
+    new_tasks = [row[0] for row in rows.tasks if row[0] not in numbers]
+    if new_tasks:
+        # We hold the write lock: the next numbers are ours to hand out.
+        (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
+        fresh = list(zip(range(top + 1, top + 1 + len(new_tasks)), new_tasks, strict=True))
+        con.executemany("INSERT INTO task_numbers (no, id) VALUES (?, ?)", fresh)
+        numbers.update((task_id, no) for no, task_id in fresh)
+    con.executemany(
+        "INSERT INTO events (event_id, task_no, task_id, kind, format, source, received_at,"
+        " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                event_id,
+                None if task_id is None else numbers[task_id],
+                task_id,
+                kind,
+                fmt,
+                source,
+                received_at,
+                created_at,
+                updated_at,
+                raw,
+            )
+            for event_id, task_id, kind, fmt, created_at, updated_at, raw in rows.events
+        ],
+    )
+    con.executemany(
+        "INSERT INTO tasks (no, id, type, phase, updated_at, doc, keys, version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (no) DO UPDATE SET type = excluded.type,"
+        " phase = excluded.phase, updated_at = excluded.updated_at,"
+        " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
+        [
+            (
+                numbers[task_id],
+                task_id,
+                task_type,
+                phase,
+                updated_at,
+                doc,
+                keys,
+                (c.version if (c := current.get(task_id)) is not None else 0) + bumped,
+            )
+            for task_id, task_type, phase, updated_at, doc, keys, bumped in rows.tasks
+        ],
+    )
+    row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+    base: int = row[0] if row else 0
+    if rows.changes:
+        # Explicit seqs let one executemany replace a RETURNING round trip per change.
+        con.executemany(
+            "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
+            " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    seq,
+                    numbers[task_id],
+                    task_id,
+                    event_id,
+                    previous,
+                    phase,
+                    changed_at,
+                    received_at,
+                    task,
+                    kind,
+                )
+                for seq, (task_id, event_id, previous, phase, changed_at, task, kind) in enumerate(
+                    rows.changes, start=base + 1
+                )
+            ],
+        )
+    return base
+
+
+def read_for_planning(
+    con: sqlite3.Connection, task_ids: Sequence[str], untasked: Sequence[str]
+) -> tuple[dict[str, tuple[bytes | None, bytes | None, set[str]]], set[str]]:
+    """For a planner (:mod:`consumer.sqlite_planner`), in one read transaction: the view
+    row and event ids of each of ``task_ids`` that has a history, and which of the
+    ``untasked`` event ids are stored."""
+    con.execute("BEGIN")
+    try:
+        current = read_current(con, task_ids)
+        tasks = {task_id: (c.doc, c.keys, set[str]()) for task_id, c in current.items()}
+        for task_id, event_id in _select_in(
+            con,
+            "SELECT n.id, e.event_id FROM task_numbers AS n JOIN events AS e"
+            " ON e.task_no = n.no WHERE n.id IN ({})",
+            list(current),
+        ):
+            tasks[task_id][2].add(event_id)
+        known = {
+            event_id
+            for (event_id,) in _select_in(
+                con,
+                "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})",
+                list(untasked),
+            )
+        }
+    finally:
+        con.execute("COMMIT")
+    return tasks, known
+
+
+def known_events(
+    con: sqlite3.Connection, keys: Iterable[EventKey], numbers: Mapping[str, int]
+) -> list[EventKey]:
+    """The keys among ``keys`` that the history already holds. A task not numbered yet
+    has no history, so only known tasks' events are looked up, by (task no, event id)."""
+    pairs: set[tuple[int, str]] = set()
+    untasked: set[str] = set()
+    for task_id, event_id in keys:
+        if task_id is None:
+            untasked.add(event_id)
+        elif (no := numbers.get(task_id)) is not None:
+            pairs.add((no, event_id))
     ids = {no: task_id for task_id, no in numbers.items()}
     known: list[EventKey] = []
-    for start in range(0, len(pairs), _CHUNK // 2):
-        chunk = pairs[start : start + _CHUNK // 2]
+    chunks = list(pairs)
+    for start in range(0, len(chunks), _CHUNK // 2):
+        chunk = chunks[start : start + _CHUNK // 2]
         values = ",".join("(?, ?)" for _ in chunk)
-        rows = con.execute(
+        found = con.execute(
             f"SELECT e.task_no, e.event_id FROM (VALUES {values}) AS v"  # noqa: S608
             " JOIN events AS e ON e.task_no = v.column1 AND e.event_id = v.column2",
             [x for pair in chunk for x in pair],
         ).fetchall()
-        known.extend((ids[no], event_id) for no, event_id in rows)
+        known.extend((ids[no], event_id) for no, event_id in found)
     known.extend(
         (None, event_id)
         for (event_id,) in _select_in(
-            con, "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})", untasked
+            con,
+            "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})",
+            list(untasked),
         )
     )
     return known
