@@ -116,6 +116,7 @@ class MemoryStore:
         received_at: int,
         *,
         record_changes: bool = True,
+        decode_here: bool = False,  # this store decodes in the caller's process anyway
     ) -> RawIngestResult:
         return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 

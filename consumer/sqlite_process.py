@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import multiprocessing as mp
 import os
 import pickle
@@ -38,7 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from consumer.codec import Event
-from consumer.sqlite_store import SQLiteStore, Synchronous, begin_immediate
+from consumer.collector import tune_for_batches
+from consumer.sqlite_planner import Loaded, Planned, Planner, write_planned
+from consumer.sqlite_store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
 from consumer.store import (
     ChangeRecord,
     IngestResult,
@@ -53,11 +54,7 @@ __all__ = ["SQLiteProcessStore"]
 
 
 def _child(conn: Connection, path: str, synchronous: Synchronous, record_updates: bool) -> None:
-    # A batch's events stay alive until it commits, so the default collector thresholds
-    # run young-generation passes over thousands of live dicts per batch, finding nothing
-    # to free (garbage cycles are rare here): a third of the decoding time.
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+    tune_for_batches()
     store = SQLiteStore(path, synchronous=synchronous, record_updates=record_updates)
     sock = socket.socket(fileno=conn.fileno())  # a view of the same socket, to size it
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
@@ -109,7 +106,12 @@ def _commit(
 
 
 def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: Any) -> tuple[Any, ...]:
-    raws, source, received_at, record_changes = request
+    raws, source, received_at, record_changes, planned = request
+    if planned is not None:
+        base = write_planned(con, Planned.from_wire(planned), source, received_at)
+        if base is not None:
+            return ("planned", base, None)
+        # What the plan assumed no longer holds: fold the batch here, as without one.
     events, rejected = decode_all(raws)
     result = store._ingest_in_tx(con, events, source, received_at, record_changes)
     outcomes = with_rejections(result, rejected, len(raws)).outcomes
@@ -161,6 +163,8 @@ class SQLiteProcessStore(SQLiteStore):
         super().__init__(path, synchronous=synchronous, record_updates=record_updates)
         self._link: _Link | None = None
         self._restarting = asyncio.Lock()
+        self._planning = asyncio.Lock()
+        self._planner = Planner(self._load_for_planning, record_updates=record_updates)
 
     @property
     def _proc(self) -> Any:
@@ -239,39 +243,97 @@ class SQLiteProcessStore(SQLiteStore):
         received_at: int,
         *,
         record_changes: bool = True,
+        decode_here: bool = False,
     ) -> RawIngestResult:
         """Batches from concurrent callers are queued to the writer, which commits them
-        one after another, in the order they were sent."""
+        one after another, in the order they were sent. With ``decode_here``, this
+        process decodes and folds the batch and the writer only writes it (see
+        :mod:`consumer.sqlite_planner`)."""
         link = self._link
         if link is None:
             raise RuntimeError("SQLiteProcessStore is not open")
-        request = (list(raws), source, received_at, record_changes)
+        if not decode_here:
+            status, outcomes, changes = await self._call(
+                link, (list(raws), source, received_at, record_changes, None)
+            )
+            return _result(outcomes, changes)
+        async with self._planning:
+            # Plans go to the writer in the order they are made: each builds on the last.
+            plan = await self._planner.plan(raws, record_changes)
+            reply = self._send(
+                link, (list(raws), source, received_at, record_changes, plan.planned.wire())
+            )
+        try:
+            status, outcomes, changes = await self._answer(link, reply)
+        except BaseException:
+            self._planner.settle(plan, used=False)
+            raise
+        self._planner.settle(plan, used=status == "planned")
+        if status != "planned":
+            return _result(outcomes, changes)
+        base: int = outcomes
+        return RawIngestResult(
+            plan.outcomes,
+            [
+                ChangeRecord(
+                    seq,
+                    c.task_id,
+                    c.event_id,
+                    c.previous_phase,
+                    c.phase,
+                    c.changed_at,
+                    received_at,
+                    c.task,
+                    c.kind,
+                )
+                for seq, c in enumerate(plan.changes, start=base + 1)
+            ],
+        )
+
+    async def _call(self, link: _Link, request: tuple[Any, ...]) -> tuple[Any, ...]:
+        return await self._answer(link, self._send(link, request))
+
+    def _send(self, link: _Link, request: tuple[Any, ...]) -> asyncio.Future[Any]:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         link.pending.append(reply)
+        # One write() per frame: frames of concurrent callers never interleave.
+        link.writer.write(_frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
+        return reply
+
+    async def _answer(self, link: _Link, reply: asyncio.Future[Any]) -> tuple[Any, ...]:
         try:
-            # One write() per frame: frames of concurrent callers never interleave.
-            link.writer.write(_frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
             await link.writer.drain()
-            status, outcomes, changes = await reply
+            answer: tuple[Any, ...] = await reply
         except (OSError, _WriterDied):
             # The writer died (killed, out of memory). Start another; this batch fails
             # (503: the sender retries, and a batch it did commit comes back a duplicate).
             reply.cancel()
             await self._restart(link)
             raise RuntimeError("SQLite writer process died; a new one was started") from None
-        if status != "ok":
-            raise RuntimeError(f"SQLite writer process failed: {outcomes}")
-        return RawIngestResult(
-            [Outcome(o) if isinstance(o, str) else Rejected(*o) for o in outcomes],
-            [ChangeRecord(*c) for c in changes],
-        )
+        if answer[0] == "error":
+            raise RuntimeError(f"SQLite writer process failed: {answer[1]}")
+        return answer
+
+    async def _load_for_planning(self, task_ids: list[str], untasked: list[str]) -> Loaded:
+        def run() -> Loaded:
+            return Loaded(*read_for_planning(self._r(), task_ids, untasked))
+
+        return await self._run(self._reader, run)
 
     async def _restart(self, dead: _Link) -> None:
         async with self._restarting:
             if self._link is dead:  # not already restarted by another caller
                 self._link = None
+                self._planner.forget()
                 await self._stop(dead, graceful=False)
                 self._link = await self._spawn()
+
+
+def _result(outcomes: list[Any], changes: list[Any]) -> RawIngestResult:
+    return RawIngestResult(
+        [Outcome(o) if isinstance(o, str) else Rejected(*o) for o in outcomes],
+        [ChangeRecord(*c) for c in changes],
+    )
 
 
 async def _read_replies(link: _Link) -> None:
