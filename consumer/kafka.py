@@ -27,8 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,9 +44,10 @@ from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from consumer.codec import DecodeError, Event, decode
+from consumer.collector import tune_for_batches
 from consumer.ingest import ChangeSink, now_ms
 from consumer.settings import Settings
-from consumer.store import Rejected, Store, decode_all
+from consumer.store import ChangeRecord, Outcome, RawIngestResult, Rejected, Store, decode_all
 
 __all__ = ["KafkaForwarder", "KafkaPublisher", "KafkaSource", "KafkaStats", "client_options"]
 
@@ -98,7 +101,8 @@ class KafkaStats:
         }
 
 
-_MAX_INFLIGHT = 2
+_MAX_INFLIGHT = int(os.environ.get("PW_INFLIGHT", "2"))
+_SHARE = int(os.environ.get("PW_SHARE", "600"))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -133,6 +137,7 @@ class KafkaSource:
         self._on_changes = on_changes
         self._backoff = retry_backoff_s
         self._topics = settings.topics()
+        self._fold_here = round(settings.kafka_fold_here * 1000)  # per mille of the keys
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +154,8 @@ class KafkaSource:
         self.stats = KafkaStats()
 
     async def start(self) -> None:
+        # Batches are decoded and folded in this process (decode_here below).
+        tune_for_batches()
         options = client_options(self._settings)
         self._dlq = AIOKafkaProducer(**options, acks="all", enable_idempotence=True)
         self._consumer = AIOKafkaConsumer(
@@ -254,16 +261,15 @@ class KafkaSource:
         offsets: dict[TopicPartition, int],
         previous: asyncio.Task[bool] | None,
     ) -> bool:
-        raws = [record.value or b"" for record in records]
         result = None
         while result is None:
             try:
-                result = await self._store.ingest_raw(raws, "kafka", now_ms())
+                result = await self._ingest(records)
             except Exception:
                 if self._stopping.is_set():
                     return False  # offsets not committed: the next owner gets it again
                 self.stats.store_retries += 1
-                log.exception("store could not commit a batch of %d; retrying", len(raws))
+                log.exception("store could not commit a batch of %d; retrying", len(records))
                 await asyncio.sleep(self._backoff)
         # Offsets are committed in batch order: never past a batch that is not stored.
         if previous is not None and not await previous:
@@ -279,6 +285,44 @@ class KafkaSource:
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_stored(consumer))
         return True
+
+    async def _ingest(self, records: list[ConsumerRecord]) -> RawIngestResult:
+        """Store a batch, splitting the decoding and folding between this process and
+        the store's writer (``kafka_fold_here``) by record key: the key is the task id,
+        so a task is always folded on the same side, and this side's plans stay right.
+        (A record keyed otherwise is still folded correctly, only more slowly: see
+        :mod:`consumer.sqlite_planner`.)"""
+        here: list[int] = []
+        there: list[int] = []
+        for i, record in enumerate(records):
+            key = record.key
+            fold_here = key is not None and zlib.crc32(key) % 1000 < self._fold_here
+            (here if fold_here else there).append(i)
+        received = now_ms()
+        parts = [
+            (
+                positions,
+                self._store.ingest_raw(
+                    [records[i].value or b"" for i in positions],
+                    "kafka",
+                    received,
+                    decode_here=decode_here,
+                ),
+            )
+            for positions, decode_here in ((here, True), (there, False))
+            if positions
+        ]
+        results = await asyncio.gather(*(call for _, call in parts))
+        if len(results) == 1:
+            return results[0]
+        outcomes: list[Outcome | Rejected] = [Outcome.DUPLICATE] * len(records)
+        changes: list[ChangeRecord] = []
+        for (positions, _), result in zip(parts, results, strict=True):
+            for i, outcome in zip(positions, result.outcomes, strict=True):
+                outcomes[i] = outcome
+            changes.extend(result.changes)
+        changes.sort(key=lambda c: c.seq)
+        return RawIngestResult(outcomes, changes)
 
     async def _commit_stored(self, consumer: AIOKafkaConsumer) -> None:
         while self._stored:

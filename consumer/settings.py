@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     kafka_max_batch: int = Field(
         2000, gt=0, description="Most records folded and committed in one store transaction."
     )
+    kafka_fold_here: float = Field(
+        0.7,
+        ge=0,
+        le=1,
+        description="Share of the tasks (by record key) whose records the consumer's process"
+        " decodes and folds itself; the SQLite writer process decodes and folds the rest"
+        " and writes everything. 0.7 keeps both busy on two cores.",
+    )
     kafka_client_id: str = Field("phasewatch", description="Client id sent to the brokers.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="How to reach the brokers."

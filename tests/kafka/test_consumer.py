@@ -17,10 +17,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumer.kafka import KafkaSource
 from consumer.settings import Settings
+from consumer.sqlite_process import SQLiteProcessStore
 from consumer.sqlite_store import SQLiteStore
 from consumer.store import Store
 from tests.kafka_fixtures import KafkaBroker
-from tests.support import deliveries, expected_tasks, snapshot, webhook_body
+from tests.support import (
+    Delivery,
+    deliveries,
+    expected_changes,
+    expected_tasks,
+    snapshot,
+    webhook_body,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -67,6 +75,38 @@ async def assert_expected(store: Store, fixture: str) -> None:
 
 def distinct_events(fixture: str) -> int:
     return len({d.doc["id"] for d in deliveries(fixture)})
+
+
+@pytest.mark.parametrize("fixture", ["small", "messy"])
+async def test_fixture_stream_through_the_writer_process_folds_to_expected(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path, fixture: str
+) -> None:
+    """As ``serve`` runs by default: part of the tasks folded in the consumer's process,
+    the rest in the writer process. In order, every task's phase changes are the
+    expected ones, whichever side folded it."""
+    stream = sorted(deliveries(fixture), key=Delivery.order_key)
+    await produce(
+        kafka_broker.bootstrap_servers, kafka_topic, [(task_key(d.body), d.body) for d in stream]
+    )
+    store = SQLiteProcessStore(tmp_path / "p.db")
+    await store.open()
+    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    await source.start()
+    try:
+
+        async def done() -> bool:
+            return (await store.stats()).events == distinct_events(fixture)
+
+        await wait_until(done, what="all events")
+        await assert_expected(store, fixture)
+        if fixture == "small":  # the fixture that comes with its phase changes in order
+            for task_id, changes in expected_changes(fixture).items():
+                recorded = [[c.previous_phase, c.phase] for c in await store.task_changes(task_id)]
+                assert recorded == changes, task_id
+        assert store._planner.used > 0  # the consumer's process did fold some batches
+    finally:
+        await source.stop()
+        await store.close()
 
 
 @pytest.mark.parametrize("fixture", ["small", "messy"])
@@ -169,8 +209,8 @@ async def test_crash_between_store_commit_and_offset_commit(
         def __getattr__(self, name: str) -> Any:
             return getattr(store, name)
 
-        async def ingest_raw(self, *args: Any) -> Any:
-            result = await store.ingest_raw(*args)
+        async def ingest_raw(self, *args: Any, **kw: Any) -> Any:
+            result = await store.ingest_raw(*args, **kw)
             self.batches += 1
             if self.batches == 3:
                 raise Crash
