@@ -3,11 +3,17 @@ The only module that imports aiokafka.
 
 At-least-once delivery, effectively-once effects. Auto-commit is off. A batch from
 ``getmany`` goes to the store raw (:meth:`Store.ingest_raw`): its events are decoded,
-folded and committed in one transaction, and the records that do not decode come back
-as rejected. Those are produced to the dead-letter topic, and only then are the batch's
-offsets committed. A crash anywhere before the offset commit redelivers the batch; the
-history deduplicates by event id and the fold is idempotent, so the redelivery changes
-nothing and records no second phase change.
+folded and committed, and the records that do not decode come back as rejected. Those
+are produced to the dead-letter topic, and only then are the batch's offsets committed.
+A crash anywhere before the offset commit redelivers the batch; the history
+deduplicates by event id and the fold is idempotent, so the redelivery changes nothing
+and records no second phase change.
+
+Both cores do the decoding and folding: this process takes the records of a share of
+the tasks (``kafka_fold_here``, by record key) and hands the store plans to write
+(``decode_here``), and the store's writer process decodes and folds the others. So a
+batch is up to two store transactions, one per side, each all or nothing, both before
+the offset commit.
 
 Three stages overlap: while one batch is decoded, folded and committed by the store (in
 its writer process, by default), the next is fetched, and the offsets of the previous

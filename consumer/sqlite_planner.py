@@ -134,12 +134,14 @@ class Planner:
         events, rejected = decode_all(raws)
         task_ids = {e.task_id for e in events if e.task_id is not None}
         cache = self._cache
-        missing = [t for t in task_ids if t not in cache]
-        untasked = [e.id for e in events if e.task_id is None]
+        untasked: list[str] | None = [e.id for e in events if e.task_id is None]
         untasked_known: set[str] = set()
-        if missing or untasked:
-            loaded = await self._load(missing, untasked)
-            untasked_known = loaded.untasked_known
+        # Until every task of the batch has an entry: an answer that arrives while the
+        # store is read may drop entries (settle), so look again after each read.
+        while (missing := [t for t in task_ids if t not in cache]) or untasked:
+            loaded = await self._load(missing, untasked or [])
+            if untasked:
+                untasked_known, untasked = loaded.untasked_known, None
             for task_id in missing:
                 found = loaded.tasks.get(task_id)
                 if found is None:
@@ -152,7 +154,6 @@ class Planner:
                     else TaskState(orjson.loads(doc), decode_keys(keys))
                 )
                 cache[task_id] = _Cached(state, doc, keys, event_ids)
-
         return self._plan(events, rejected, len(raws), untasked_known, record_changes)
 
     def _plan(

@@ -199,3 +199,22 @@ async def test_planned_and_writer_folded_batches_store_the_same(tmp_path: Path) 
     unplanned, planned = tables
     assert planned == unplanned
     assert len(planned[2]) > 500  # the outbox was exercised, not empty on both sides
+
+
+async def test_an_answer_that_arrives_while_the_store_is_read_loses_no_entry() -> None:
+    """The planner reads the store for tasks it has not seen; meanwhile the writer may
+    answer an earlier batch, and a refused answer drops that batch's tasks. The batch
+    being planned must still find every task it needs."""
+    earlier: list[Any] = []
+
+    async def load(task_ids: list[str], untasked: list[str]) -> Loaded:
+        if "B" in task_ids and earlier:
+            planner.settle(earlier.pop(), used=False)  # drops A, which this batch needs
+            await asyncio.sleep(0)
+        return Loaded({}, set())
+
+    planner = Planner(load, record_updates=False)
+    earlier.append(await planner.plan([ev("e1", "A", "pending", 1)], True))
+    plan = await planner.plan([ev("e2", "A", "running", 2), ev("x", "B", "pending", 1)], True)
+    assert plan.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+    assert set(plan.planned.assumed) == {"A", "B"}
