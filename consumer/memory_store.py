@@ -94,17 +94,7 @@ class MemoryStore:
             self._versions[task_id] += 1
         recorded = []
         for change in plan.changes:
-            record = ChangeRecord(
-                len(self._changes) + 1,
-                change.task_id,
-                change.event_id,
-                change.previous_phase,
-                change.phase,
-                change.changed_at,
-                received_at,
-                change.task,
-                change.kind,
-            )
+            record = change.recorded(len(self._changes) + 1, received_at)
             self._changes.append(record)
             recorded.append(record)
         return IngestResult(plan.outcomes, recorded)

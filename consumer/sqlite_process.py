@@ -274,20 +274,7 @@ class SQLiteProcessStore(SQLiteStore):
         base: int = outcomes
         return RawIngestResult(
             plan.outcomes,
-            [
-                ChangeRecord(
-                    seq,
-                    c.task_id,
-                    c.event_id,
-                    c.previous_phase,
-                    c.phase,
-                    c.changed_at,
-                    received_at,
-                    c.task,
-                    c.kind,
-                )
-                for seq, c in enumerate(plan.changes, start=base + 1)
-            ],
+            [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, start=base + 1)],
         )
 
     async def _call(self, link: _Link, request: tuple[Any, ...]) -> tuple[Any, ...]:

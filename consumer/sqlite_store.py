@@ -314,20 +314,7 @@ class SQLiteStore:
         )
         rows = plan_rows(plan)
         base = write_rows(con, rows, current, source, received_at)
-        recorded = [
-            ChangeRecord(
-                base + i,
-                c.task_id,
-                c.event_id,
-                c.previous_phase,
-                c.phase,
-                c.changed_at,
-                received_at,
-                c.task,
-                c.kind,
-            )
-            for i, c in enumerate(plan.changes, start=1)
-        ]
+        recorded = [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, base + 1)]
         return IngestResult(plan.outcomes, recorded)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:

@@ -75,6 +75,20 @@ class NewChange:
     task: dict[str, Any]  # the materialized task right after the change
     kind: str = "phase"  # "phase", or "update" (recorded only when asked for)
 
+    def recorded(self, seq: int, recorded_at: int) -> ChangeRecord:
+        """This change as the outbox holds it once given ``seq``."""
+        return ChangeRecord(
+            seq,
+            self.task_id,
+            self.event_id,
+            self.previous_phase,
+            self.phase,
+            self.changed_at,
+            recorded_at,
+            self.task,
+            self.kind,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class ChangeRecord:
