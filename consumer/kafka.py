@@ -92,6 +92,7 @@ class KafkaStats:
     duplicates: int = 0
     commit_failures: int = 0
     store_retries: int = 0
+    refolded: int = 0  # batches whose plan went stale: see consumer.sqlite_planner
     lag: dict[str, int] = field(default_factory=dict)  # "topic[partition]" -> records behind
 
     def as_dict(self) -> dict[str, Any]:
@@ -102,6 +103,7 @@ class KafkaStats:
             "duplicates": self.duplicates,
             "commitFailures": self.commit_failures,
             "storeRetries": self.store_retries,
+            "refolded": self.refolded,
             "lag": dict(self.lag),
             "totalLag": sum(self.lag.values()),
         }
@@ -319,6 +321,7 @@ class KafkaSource:
             if positions
         ]
         results = await asyncio.gather(*(call for _, call in parts))
+        self.stats.refolded += sum(result.refolded for result in results)
         if len(results) == 1:
             return results[0]
         outcomes: list[Outcome | Rejected] = [Outcome.DUPLICATE] * len(records)

@@ -82,6 +82,12 @@ class _Snapshot(Collector):
                 "Offset commits that failed.",
                 kafka["commitFailures"],
             )
+            yield _counter(
+                "phasewatch_kafka_batches_refolded",
+                "Batch parts planned in the consumer's process whose plan went stale (another"
+                " writer touched their tasks first) and were folded again by the writer.",
+                kafka["refolded"],
+            )
             lag = GaugeMetricFamily(
                 "phasewatch_kafka_lag", "Records behind, per partition.", labels=["partition"]
             )

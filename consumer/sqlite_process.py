@@ -270,7 +270,8 @@ class SQLiteProcessStore(SQLiteStore):
             raise
         self._planner.settle(plan, used=status == "planned")
         if status != "planned":
-            return _result(outcomes, changes)
+            refolded = _result(outcomes, changes)
+            return RawIngestResult(refolded.outcomes, refolded.changes, refolded=True)
         base: int = outcomes
         return RawIngestResult(
             plan.outcomes,

@@ -236,6 +236,9 @@ class RawIngestResult:
 
     outcomes: list[Outcome | Rejected]
     changes: list[ChangeRecord]
+    # With decode_here: the caller's plan had gone stale (another writer touched its
+    # tasks first), so the store decoded and folded the batch itself. Same result.
+    refolded: bool = False
 
     @property
     def rejected(self) -> list[tuple[int, Rejected]]:

@@ -47,6 +47,7 @@ async def test_a_plan_made_stale_by_another_writer_is_refused_and_folded_anew(
             [ev("e3", "T", "completed", 3)], "kafka", 3, decode_here=True
         )
         # Folded against what the store holds, not what the planner believed.
+        assert result.refolded
         assert phases(result.changes) == [("running", "completed")]
         assert phases(await planned.task_changes("T")) == [
             (None, "pending"),
@@ -59,7 +60,7 @@ async def test_a_plan_made_stale_by_another_writer_is_refused_and_folded_anew(
         assert (planned._planner.used, planned._planner.refused) == (1, 1)
         # The planner forgot T: the next batch is planned from the store again, and used.
         nxt = await planned.ingest_raw([ev("e4", "T", "failed", 4)], "kafka", 4, decode_here=True)
-        assert phases(nxt.changes) == [("completed", "failed")]
+        assert not nxt.refolded and phases(nxt.changes) == [("completed", "failed")]
         assert planned._planner.used == 2
     finally:
         await other.close()
@@ -99,9 +100,7 @@ async def test_events_of_a_lost_batch_are_not_reported_duplicates(tmp_path: Path
         with pytest.raises(RuntimeError, match="died"):
             await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 1, decode_here=True)
         # The retry of the lost batch, and a batch that repeats its event.
-        result = await store.ingest_raw(
-            [ev("e1", "T", "pending", 1)], "kafka", 2, decode_here=True
-        )
+        result = await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 2, decode_here=True)
         assert result.outcomes == [Outcome.ACCEPTED]
         assert phases(result.changes) == [(None, "pending")]
     finally:
@@ -128,11 +127,11 @@ def test_the_writer_refuses_a_plan_whose_assumptions_fail(tmp_path: Path) -> Non
     fresh = [ev("e2", "T", "running", 2)]
     assert attempt(fresh, lambda p: p) is not None  # untampered: written
     assert attempt(fresh, lambda p: Planned(p.rows, p.assumed, [("T", "e2")])) is None
-    stored_as_new = lambda p: Planned(  # noqa: E731
-        Rows([("e1", *row[1:]) for row in p.rows.events], p.rows.tasks, p.rows.changes),
-        p.assumed,
-        p.known,
-    )
+
+    def stored_as_new(p: Planned) -> Planned:
+        events = [("e1", *row[1:]) for row in p.rows.events]
+        return Planned(Rows(events, p.rows.tasks, p.rows.changes), p.assumed, p.known)
+
     assert attempt(fresh, stored_as_new) is None
     assert attempt(fresh, lambda p: Planned(p.rows, {"T": (None, None)}, p.known)) is None
     (count,) = con.execute("SELECT count(*) FROM events").fetchone()
