@@ -104,6 +104,8 @@ async def test_fixture_stream_through_the_writer_process_folds_to_expected(
                 recorded = [[c.previous_phase, c.phase] for c in await store.task_changes(task_id)]
                 assert recorded == changes, task_id
         assert store._planner.used > 0  # the consumer's process did fold some batches
+        # Nobody else writes these tasks: no plan went stale.
+        assert source.stats.refolded == 0 and store._planner.refused == 0
     finally:
         await source.stop()
         await store.close()
