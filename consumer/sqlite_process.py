@@ -7,6 +7,10 @@ runs in a child process that owns a writer connection to the same database file:
 decodes the raw messages (the wire format is the only interface; the parent never
 parses them), folds them and commits, in parallel with the parent's event loop.
 
+A caller whose own process has a core to spare (the Kafka consumer) passes
+``decode_here=True``: the parent then decodes and folds the batch itself and sends the
+child a plan, which the child checks and writes (:mod:`consumer.sqlite_planner`).
+
 Batches are queued to the child over a socket pair that the parent drives from its
 event loop; replies come back in order. The child commits every request it finds
 queued in one transaction, so callers may hand it the next batch while one commits.
@@ -16,7 +20,8 @@ Everything else (reads, delivery records, leases) stays in the parent on the ord
 (:func:`begin_immediate`). If the child dies, the batches in flight fail (the caller
 answers 503 or retries) and a new child is started.
 
-Semantics are the store's own: the child runs the same ``_ingest_in_tx``.
+Semantics are the store's own: the child runs the same ``_ingest_in_tx``, and a plan is
+written only when it is what ``_ingest_in_tx`` would have written.
 """
 
 from __future__ import annotations
