@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 import time
 import zlib
@@ -109,8 +108,7 @@ class KafkaStats:
         }
 
 
-_MAX_INFLIGHT = int(os.environ.get("PW_INFLIGHT", "2"))
-_SHARE = int(os.environ.get("PW_SHARE", "600"))
+_MAX_INFLIGHT = 2
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -66,9 +66,7 @@ class Service:
             max_batch=settings.ingest_max_batch,
             # The writer process queues batches and commits together what it finds
             # queued: hand it the next batch while one commits, so it never idles.
-            max_inflight=int(__import__("os").environ.get("PW_INFLIGHT", "2"))
-            if isinstance(self.store, SQLiteProcessStore)
-            else 1,
+            max_inflight=2 if isinstance(self.store, SQLiteProcessStore) else 1,
             on_changes=self.dispatcher.notify,
         )
         self.kafka: KafkaSource | None = None
