@@ -350,6 +350,12 @@ async def readyz(request: web.Request) -> web.Response:
         status = await request.app[STATUS_KEY]()
     except Exception as exc:
         return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    failed = status.get("kafka", {}).get("failed")
+    if failed:
+        return json_response(
+            {"status": "not_ready", "error": "kafka_stopped", "message": failed, **status},
+            status=503,
+        )
     return json_response({"status": "ready", **status})
 
 

@@ -51,6 +51,7 @@ from aiokafka.helpers import create_ssl_context
 from consumer.codec import DecodeError, Event, decode
 from consumer.collector import tune_for_batches
 from consumer.ingest import ChangeSink, now_ms
+from consumer.secrets import redact_text
 from consumer.settings import Settings
 from consumer.store import ChangeRecord, Outcome, RawIngestResult, Rejected, Store, decode_all
 
@@ -158,6 +159,7 @@ class KafkaSource:
         self._stopping = asyncio.Event()
         self.batch_lock = asyncio.Lock()
         self.stats = KafkaStats()
+        self.failure: str | None = None  # why consumption stopped, if it did by itself
 
     async def start(self) -> None:
         # Batches are decoded and folded in this process (decode_here below).
@@ -175,6 +177,16 @@ class KafkaSource:
         await self._consumer.start()
         self._consumer.subscribe(self._topics, listener=_Listener(self))
         self._task = asyncio.create_task(self._run(), name="kafka-source")
+        self._task.add_done_callback(self._run_ended)
+
+    def _run_ended(self, task: asyncio.Task[None]) -> None:
+        # The loop only ends on stop(); anything else is a fault (a bug, or an error
+        # this module does not expect): say so loudly, and let /readyz say so, rather
+        # than stop consuming in silence.
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        self.failure = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        log.critical("Kafka consumption stopped: %s", self.failure, exc_info=exc)
 
     async def stop(self) -> None:
         """Finish the batch in flight (its offsets committed), then leave the group."""
@@ -182,7 +194,8 @@ class KafkaSource:
         if self._task is not None:
             async with self.batch_lock:
                 self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A loop that failed was reported when it did (_run_ended).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
         await self.drain()
@@ -197,6 +210,7 @@ class KafkaSource:
             "topics": self._topics,
             "group": self._settings.kafka_group_id,
             "assigned": sorted(_tp_name(tp) for tp in assigned),
+            "failed": self.failure,
             **self.stats.as_dict(),
         }
 

@@ -313,3 +313,30 @@ async def test_handlers_receive_no_credentials(make_client: MakeClient) -> None:
     await wait_until(lambda: len(got) == 1)
     dumped = orjson.dumps(got[0].task.wire()).decode()
     assert "SK@" not in dumped and "SECRETKEY" not in dumped and MARKER in dumped
+
+
+async def test_readyz_is_503_when_kafka_consumption_stopped(make_client: MakeClient) -> None:
+    client, service = await make_client()
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+
+    class StoppedSource:
+        async def stop(self) -> None:
+            pass
+
+        def status(self) -> dict[str, Any]:
+            return {
+                "records": 7,
+                "poison": 0,
+                "commitFailures": 0,
+                "refolded": 0,
+                "lag": {},
+                "failed": "RuntimeError: the dispatcher is broken",
+            }
+
+    service.kafka = StoppedSource()  # type: ignore[assignment]
+    stopped = await client.get("/readyz")
+    assert stopped.status == 503
+    body = await stopped.json()
+    assert body["error"] == "kafka_stopped" and "dispatcher is broken" in body["message"]
+    assert body["kafka"]["records"] == 7  # the figures are still there to look at

@@ -338,3 +338,30 @@ async def test_consumer_recovers_from_a_broker_restart(
     finally:
         await source.stop()
         await store.close()
+
+
+async def test_a_fault_in_the_consumer_loop_is_reported_not_silent(
+    kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path
+) -> None:
+    """Consumption that stops for a reason the source does not expect (here a change
+    sink that raises) must say so: logged, and in the status /readyz serves."""
+    await produce(
+        kafka_broker.bootstrap_servers,
+        kafka_topic,
+        [(task_key(d.body), d.body) for d in deliveries("small")[:20]],
+    )
+
+    def broken_sink(changes: Any) -> None:
+        raise RuntimeError("the dispatcher is broken")
+
+    store = SQLiteStore(tmp_path / "f.db")
+    await store.open()
+    settings = kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=2)  # several batches
+    source = KafkaSource(store, settings, on_changes=broken_sink)
+    await source.start()
+    try:
+        await wait_until(lambda: _true(source.failure is not None), what="the failure reported")
+        assert source.status()["failed"] == "RuntimeError: the dispatcher is broken"
+    finally:
+        await source.stop()  # does not raise: the failure was reported when it happened
+        await store.close()
