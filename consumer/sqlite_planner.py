@@ -32,7 +32,6 @@ import sqlite3
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 
@@ -70,15 +69,6 @@ class Planned:
     rows: Rows
     assumed: dict[str, ViewRow]  # each task an event of the batch folds into
     known: list[EventKey]  # the batch's events the plan counted as already stored
-
-    def wire(self) -> tuple[Any, ...]:
-        rows = self.rows
-        return (rows.events, rows.tasks, rows.changes, self.assumed, self.known)
-
-    @classmethod
-    def from_wire(cls, wire: tuple[Any, ...]) -> Planned:
-        events, tasks, changes, assumed, known = wire
-        return cls(Rows(events, tasks, changes), assumed, known)
 
 
 @dataclass(slots=True)
@@ -154,18 +144,21 @@ class Planner:
                     else TaskState(orjson.loads(doc), decode_keys(keys))
                 )
                 cache[task_id] = _Cached(state, doc, keys, event_ids)
-        return self._plan(events, rejected, len(raws), untasked_known, record_changes)
+        return self._plan(
+            events, task_ids, rejected, len(raws), untasked_known, record_changes=record_changes
+        )
 
     def _plan(
         self,
         events: list[Event],
+        task_ids: set[str],
         rejected: dict[int, Rejected],
         total: int,
         untasked_known: set[str],
+        *,
         record_changes: bool,
     ) -> Plan:
         cache = self._cache
-        task_ids = {e.task_id for e in events if e.task_id is not None}
         known: list[EventKey] = []
         for e in events:
             owner = e.task_id

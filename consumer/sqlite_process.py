@@ -43,7 +43,7 @@ from typing import Any
 
 from consumer.codec import Event
 from consumer.collector import tune_for_batches
-from consumer.sqlite_planner import Loaded, Planned, Planner, write_planned
+from consumer.sqlite_planner import Loaded, Planner, write_planned
 from consumer.sqlite_store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
 from consumer.store import (
     ChangeRecord,
@@ -113,7 +113,7 @@ def _commit(
 def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: Any) -> tuple[Any, ...]:
     raws, source, received_at, record_changes, planned = request
     if planned is not None:
-        base = write_planned(con, Planned.from_wire(planned), source, received_at)
+        base = write_planned(con, planned, source, received_at)
         if base is not None:
             return ("planned", base, None)
         # What the plan assumed no longer holds: fold the batch here, as without one.
@@ -266,7 +266,7 @@ class SQLiteProcessStore(SQLiteStore):
             # Plans go to the writer in the order they are made: each builds on the last.
             plan = await self._planner.plan(raws, record_changes)
             reply = self._send(
-                link, (list(raws), source, received_at, record_changes, plan.planned.wire())
+                link, (list(raws), source, received_at, record_changes, plan.planned)
             )
         try:
             status, outcomes, changes = await self._answer(link, reply)

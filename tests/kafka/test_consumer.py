@@ -77,6 +77,16 @@ def distinct_events(fixture: str) -> int:
     return len({d.doc["id"] for d in deliveries(fixture)})
 
 
+async def wait_for_the_fixture(store: Store, fixture: str) -> None:
+    """Until every event of the fixture is stored; then every task must be as expected."""
+
+    async def done() -> bool:
+        return (await store.stats()).events == distinct_events(fixture)
+
+    await wait_until(done, what="all events")
+    await assert_expected(store, fixture)
+
+
 @pytest.mark.parametrize("fixture", ["small", "messy"])
 async def test_fixture_stream_through_the_writer_process_folds_to_expected(
     kafka_broker: KafkaBroker, kafka_topic: str, tmp_path: Path, fixture: str
@@ -93,12 +103,7 @@ async def test_fixture_stream_through_the_writer_process_folds_to_expected(
     source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
-
-        async def done() -> bool:
-            return (await store.stats()).events == distinct_events(fixture)
-
-        await wait_until(done, what="all events")
-        await assert_expected(store, fixture)
+        await wait_for_the_fixture(store, fixture)
         if fixture == "small":  # the fixture that comes with its phase changes in order
             for task_id, changes in expected_changes(fixture).items():
                 recorded = [[c.previous_phase, c.phase] for c in await store.task_changes(task_id)]
@@ -125,12 +130,7 @@ async def test_fixture_stream_on_a_topic_folds_to_expected(
     source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
-
-        async def done() -> bool:
-            return (await store.stats()).events == distinct_events(fixture)
-
-        await wait_until(done, what="all events")
-        await assert_expected(store, fixture)
+        await wait_for_the_fixture(store, fixture)
         assert source.stats.poison == 0
         # Lag is measured per partition and reaches zero once caught up.
         await wait_until(
