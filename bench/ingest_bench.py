@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import gen_deliveries  # noqa: E402
 
-from consumer.codec import decode  # noqa: E402
-from consumer.memory_store import MemoryStore  # noqa: E402
-from consumer.sqlite_store import SQLiteStore  # noqa: E402
-from consumer.store import Store  # noqa: E402
+from consumer.core.codec import decode  # noqa: E402
+from consumer.store.base import Store  # noqa: E402
+from consumer.store.memory import MemoryStore  # noqa: E402
+from consumer.store.sqlite.store import SQLiteStore  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "messy" / "deliveries.jsonl"
 

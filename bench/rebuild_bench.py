@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO / "bench"))
 async def fill(db: Path, n: int) -> None:
     from ingest_bench import make_bodies
 
-    from consumer.codec import decode
-    from consumer.sqlite_store import SQLiteStore
+    from consumer.core.codec import decode
+    from consumer.store.sqlite.store import SQLiteStore
 
     store = SQLiteStore(db, synchronous="NORMAL")
     await store.open()
@@ -51,8 +51,8 @@ async def fill(db: Path, n: int) -> None:
 
 
 async def child(db: Path, check: bool) -> dict[str, object]:
-    from consumer.replay import rebuild
-    from consumer.sqlite_store import SQLiteStore
+    from consumer.replay.rebuild import rebuild
+    from consumer.store.sqlite.store import SQLiteStore
 
     store = SQLiteStore(db)
     await store.open()
@@ -85,7 +85,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(asyncio.run(child(args.db, args.child == "check"))))
         return
-    from consumer.sqlite_store import SCHEMA_VERSION
+    from consumer.store.sqlite.store import SCHEMA_VERSION
 
     # Keyed by schema: a database of another schema is refused at open.
     db = REPO / "bench" / "results" / f"rebuild-{args.events}-schema{SCHEMA_VERSION}.db"

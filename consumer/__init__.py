@@ -5,12 +5,14 @@ This is the public surface that handler code (the ``handlers`` package and users
 modules) may import; everything else is internal and may change.
 """
 
-from consumer.codec import DecodeError, Event, EventFormat, InvalidEvent, NotAnEvent, NotJSON
-from consumer.kafka import KafkaPublisher, client_options
-from consumer.model import Phase, Task, TaskType
-from consumer.secrets import redact
+from consumer.core.change import PhaseChange
+from consumer.core.codec import DecodeError, Event, EventFormat, InvalidEvent, NotAnEvent, NotJSON
+from consumer.core.model import Phase, Task, TaskType
+from consumer.core.secrets import redact
+from consumer.dispatch.subscription import Handler, PermanentError, Subscription
 from consumer.settings import Settings
-from consumer.subscription import Handler, PermanentError, PhaseChange, Subscription
+from consumer.sources.kafka.options import KafkaConnection, client_options
+from consumer.sources.kafka.producers import KafkaPublisher
 
 __all__ = [
     "DecodeError",
@@ -18,6 +20,7 @@ __all__ = [
     "EventFormat",
     "Handler",
     "InvalidEvent",
+    "KafkaConnection",
     "KafkaPublisher",
     "NotAnEvent",
     "NotJSON",

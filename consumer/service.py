@@ -16,18 +16,19 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer.dispatch import Dispatcher
-from consumer.http import EventSink, HttpConfig, build_app
-from consumer.ingest import Ingestor
-from consumer.kafka import KafkaForwarder, KafkaSource
-from consumer.loading import load_subscriptions
-from consumer.memory_store import MemoryStore
-from consumer.secrets import redact_text
+from consumer.api.app import EventSink, HttpConfig, build_app
+from consumer.core.secrets import redact_text
+from consumer.dispatch.dispatcher import Dispatcher
+from consumer.dispatch.loading import load_subscriptions
+from consumer.dispatch.subscription import Subscription
 from consumer.settings import Settings
-from consumer.sqlite_process import SQLiteProcessStore
-from consumer.sqlite_store import SQLiteStore, path_from_url
-from consumer.store import Store
-from consumer.subscription import Subscription
+from consumer.sources.group_commit import Ingestor
+from consumer.sources.kafka.group import KafkaSource
+from consumer.sources.kafka.producers import KafkaForwarder
+from consumer.store.base import Store
+from consumer.store.memory import MemoryStore
+from consumer.store.sqlite.process import SQLiteProcessStore
+from consumer.store.sqlite.store import SQLiteStore, path_from_url
 
 __all__ = ["Service", "open_store", "serve"]
 
@@ -42,11 +43,15 @@ def open_store(settings: Settings, *, record_updates: bool = False, serving: boo
     url = settings.database_url
     if url.startswith("memory://"):
         return MemoryStore(record_updates=record_updates)
-    in_process = serving and settings.sqlite_writer == "process"
-    backend = SQLiteProcessStore if in_process else SQLiteStore
-    return backend(
-        path_from_url(url), synchronous=settings.sqlite_synchronous, record_updates=record_updates
-    )
+    path = path_from_url(url)
+    if serving and settings.sqlite_writer == "process":
+        return SQLiteProcessStore(
+            path,
+            synchronous=settings.sqlite_synchronous,
+            record_updates=record_updates,
+            fold_here=settings.sqlite_fold_here,
+        )
+    return SQLiteStore(path, synchronous=settings.sqlite_synchronous, record_updates=record_updates)
 
 
 @dataclass
@@ -64,18 +69,21 @@ class Service:
             self.store,
             source="webhook",
             max_batch=settings.ingest_max_batch,
-            # The writer process queues batches and commits together what it finds
-            # queued: hand it the next batch while one commits, so it never idles.
-            max_inflight=2 if isinstance(self.store, SQLiteProcessStore) else 1,
+            max_inflight=self.store.pipeline_depth,
             on_changes=self.dispatcher.notify,
         )
         self.kafka: KafkaSource | None = None
         self.forwarder: KafkaForwarder | None = None
         sink: EventSink = self.ingestor
         if settings.kafka_bootstrap_servers:
-            self.kafka = KafkaSource(self.store, settings, on_changes=self.dispatcher.notify)
+            self.kafka = KafkaSource(
+                self.store,
+                settings.kafka_connection(),
+                settings.kafka_source(),
+                on_changes=self.dispatcher.notify,
+            )
             if settings.webhook_forward:
-                self.forwarder = KafkaForwarder(settings)
+                self.forwarder = KafkaForwarder(settings.kafka_connection(), settings.topics()[0])
                 sink = self.forwarder
         secret = settings.webhook_secret
         token = settings.api_token
@@ -102,6 +110,7 @@ class Service:
             "tasks": stats.tasks,
             "changes": stats.changes,
             "pendingChanges": self.dispatcher.pending(stats.last_change_seq),
+            "store": dict(stats.backend),
             "ingest": {
                 "accepted": ingest.accepted,
                 "duplicates": ingest.duplicates,

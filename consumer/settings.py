@@ -7,15 +7,21 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumer.sources.kafka.options import KafkaConnection, SourceOptions
 
 __all__ = ["Settings"]
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="PHASEWATCH_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="PHASEWATCH_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     database_url: str = Field(
@@ -77,13 +83,15 @@ class Settings(BaseSettings):
     kafka_max_batch: int = Field(
         2000, gt=0, description="Most records folded and committed in one store transaction."
     )
-    kafka_fold_here: float = Field(
+    sqlite_fold_here: float = Field(
         0.7,
         ge=0,
         le=1,
-        description="Share of the tasks (by record key) whose records the consumer's process"
-        " decodes and folds itself; the SQLite writer process decodes and folds the rest"
-        " and writes everything. 0.7 keeps both busy on two cores.",
+        # The name it had while it was a Kafka setting still works.
+        validation_alias=AliasChoices("PHASEWATCH_SQLITE_FOLD_HERE", "PHASEWATCH_KAFKA_FOLD_HERE"),
+        description="SQLite writer process: share of the tasks (by Kafka record key) whose"
+        " records the consumer's process decodes and folds itself; the writer process"
+        " decodes and folds the rest and writes everything. 0.7 keeps both busy on two cores.",
     )
     kafka_client_id: str = Field("phasewatch", description="Client id sent to the brokers.")
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -136,6 +144,32 @@ class Settings(BaseSettings):
 
     def topics(self) -> list[str]:
         return [t.strip() for t in self.kafka_topics.split(",") if t.strip()]
+
+    def kafka_connection(self) -> KafkaConnection:
+        """How to reach the brokers, as the Kafka components take it."""
+        if not self.kafka_bootstrap_servers:
+            raise ValueError("PHASEWATCH_KAFKA_BOOTSTRAP_SERVERS is not set")
+        password = self.kafka_sasl_password
+        return KafkaConnection(
+            bootstrap_servers=self.kafka_bootstrap_servers,
+            client_id=self.kafka_client_id,
+            security_protocol=self.kafka_security_protocol,
+            sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username,
+            sasl_password=password.get_secret_value() if password else None,
+            ssl_cafile=self.kafka_ssl_cafile,
+            ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile,
+        )
+
+    def kafka_source(self) -> SourceOptions:
+        """What the consumer-group source consumes."""
+        return SourceOptions(
+            topics=tuple(self.topics()),
+            group_id=self.kafka_group_id,
+            max_batch=self.kafka_max_batch,
+            dlq_suffix=self.kafka_dlq_suffix,
+        )
 
     def handler_refs(self) -> list[str]:
         return [ref.strip() for ref in self.handlers.split(",") if ref.strip()]

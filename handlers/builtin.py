@@ -59,7 +59,7 @@ def from_settings(settings: Settings) -> list[Subscription]:
         enabled.append(
             kafka_publish(
                 settings.publish_topic,
-                client_options(settings),
+                client_options(settings.kafka_connection()),
                 concurrency=settings.dispatch_concurrency,
                 max_attempts=settings.dispatch_max_attempts,
                 max_age_s=settings.dispatch_max_age_s,

@@ -90,7 +90,8 @@ def kafka_publish(
 ) -> Subscription:
     """A subscription producing each matching change to ``topic``.
 
-    ``options``: aiokafka client options, usually ``consumer.client_options(settings)``
+    ``options``: aiokafka client options, usually
+    ``consumer.client_options(settings.kafka_connection())``
     (bootstrap servers and security). ``phases``/``types``: only these (empty: all).
     """
     if not isinstance(topic, str) or not topic.strip():

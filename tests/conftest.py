@@ -8,14 +8,15 @@ broker that ``tests.kafka_fixtures`` starts.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from consumer.memory_store import MemoryStore
-from consumer.sqlite_process import SQLiteProcessStore
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import RawIngestResult, Store
+from consumer.store.base import RawIngestResult, Store
+from consumer.store.memory import MemoryStore
+from consumer.store.sqlite.process import SQLiteProcessStore
+from consumer.store.sqlite.store import SQLiteStore
 
 pytest_plugins = ["tests.kafka_fixtures"]
 
@@ -25,8 +26,11 @@ settings.load_profile("phasewatch")
 
 
 class PlannedProcessStore(SQLiteProcessStore):
-    """The writer process store as the Kafka consumer drives it: every batch decoded and
-    folded in this process, the writer process only checking and writing the plan."""
+    """The writer process store as the Kafka consumer drives it, with every key folded in
+    this process: the writer process only checks and writes the plans."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, fold_here=1.0)
 
     async def ingest_raw(
         self,
@@ -35,10 +39,14 @@ class PlannedProcessStore(SQLiteProcessStore):
         received_at: int,
         *,
         record_changes: bool = True,
-        decode_here: bool = True,
+        keys: Sequence[bytes | None] | None = None,
     ) -> RawIngestResult:
         return await super().ingest_raw(
-            raws, source, received_at, record_changes=record_changes, decode_here=decode_here
+            raws,
+            source,
+            received_at,
+            record_changes=record_changes,
+            keys=[b"k"] * len(raws) if keys is None else keys,
         )
 
 

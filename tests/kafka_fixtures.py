@@ -34,6 +34,9 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.settings import Settings
+from consumer.sources.kafka.group import KafkaSource
+
 ENV_BOOTSTRAP = "PHASEWATCH_TEST_KAFKA_BOOTSTRAP"
 ENV_BACKEND = "PHASEWATCH_TEST_KAFKA_BACKEND"
 ENV_VERSION = "PHASEWATCH_TEST_KAFKA_VERSION"
@@ -289,3 +292,8 @@ async def kafka_topic(kafka_topic_factory: Callable[..., Awaitable[str]]) -> str
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     for line in _SUMMARY:
         terminalreporter.write_line(f"kafka: {line}")
+
+
+def kafka_source(store: Any, settings: Settings, **options: Any) -> KafkaSource:
+    """The consumer-group source as the service builds it from ``settings``."""
+    return KafkaSource(store, settings.kafka_connection(), settings.kafka_source(), **options)

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
-from consumer.codec import decode
-from consumer.dispatch import Dispatcher
-from consumer.fold import event_key
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import DeliveryStatus, Store
-from consumer.subscription import PermanentError, PhaseChange, Subscription
+from consumer.core.change import PhaseChange
+from consumer.core.codec import decode
+from consumer.core.fold import order_key
+from consumer.dispatch.dispatcher import Dispatcher
+from consumer.dispatch.subscription import PermanentError, Subscription
+from consumer.store.base import DeliveryStatus, Store
+from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_changes, snapshot, webhook_body
 
 
@@ -216,7 +217,7 @@ async def test_filters_on_the_small_fixture(store: SQLiteStore) -> None:
         ),
     ]
     dispatcher = await running(store, *subs)
-    events = sorted((decode(d.body) for d in deliveries("small")), key=event_key)
+    events = sorted((decode(d.body) for d in deliveries("small")), key=order_key)
     await store.ingest(events, "test", 0)
     types = {e.task_id: e.snapshot["type"] for e in events if e.snapshot}  # type: ignore[index]
     expected = [

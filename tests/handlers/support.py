@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from consumer import PhaseChange
+from consumer.core.change import ChangeRecord
 
 # Each must never leave phasewatch, in any handler's output.
 CREDENTIALS = (
@@ -76,18 +77,18 @@ def make_change(
     replay: bool = False,
 ) -> PhaseChange:
     assert kind in ("phase", "update")
-    return PhaseChange.build(
-        seq=seq,
-        task_id=task_id,
-        event_id=f"evt-{seq}",
-        previous_phase=previous,
-        phase=phase,
-        changed_at=1_700_000_001_000,
-        task=credentialed_task(task_id, phase, task_type),
-        kind="phase" if kind == "phase" else "update",
-        attempt=attempt,
-        replay=replay,
+    record = ChangeRecord(
+        seq,
+        task_id,
+        f"evt-{seq}",
+        previous,
+        phase,
+        1_700_000_001_000,
+        1_700_000_002_000,
+        credentialed_task(task_id, phase, task_type),
+        kind,
     )
+    return PhaseChange.from_record(record, attempt=attempt, replay=replay)
 
 
 def assert_no_credentials(data: bytes | str) -> None:

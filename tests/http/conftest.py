@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from consumer.loading import load_subscriptions
+from consumer.dispatch.loading import load_subscriptions
+from consumer.dispatch.subscription import Subscription
 from consumer.service import Service
 from consumer.settings import Settings
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import Store
-from consumer.subscription import Subscription
+from consumer.store.base import Store
+from consumer.store.sqlite.store import SQLiteStore
 from tests.support import FIXTURE_SECRET
 
 PATH = "/webhooks/livepeer"

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from consumer.secrets import MARKER
-from consumer.signature import sign
+from consumer.core.secrets import MARKER
+from consumer.core.signature import sign
 from tests.http.conftest import PATH, MakeClient
 from tests.support import FIXTURE_SECRET, snapshot, webhook_body
 

@@ -6,7 +6,8 @@ import asyncio
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.subscription import PhaseChange, Subscription
+from consumer.core.change import PhaseChange
+from consumer.dispatch.subscription import Subscription
 from tests.http.conftest import PATH, MakeClient
 from tests.support import deliveries
 

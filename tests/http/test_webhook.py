@@ -12,10 +12,11 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from consumer.memory_store import MemoryStore
-from consumer.secrets import MARKER, redact
-from consumer.signature import sign
-from consumer.subscription import PhaseChange, Subscription
+from consumer.core.change import PhaseChange
+from consumer.core.secrets import MARKER, redact
+from consumer.core.signature import sign
+from consumer.dispatch.subscription import Subscription
+from consumer.store.memory import MemoryStore
 from tests.http.conftest import PATH, MakeClient
 from tests.support import (
     FIXTURE_SECRET,
@@ -329,7 +330,6 @@ async def test_readyz_is_503_when_kafka_consumption_stopped(make_client: MakeCli
                 "records": 7,
                 "poison": 0,
                 "commitFailures": 0,
-                "refolded": 0,
                 "lag": {},
                 "failed": "RuntimeError: the dispatcher is broken",
             }

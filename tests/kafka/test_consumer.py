@@ -15,12 +15,11 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumer.kafka import KafkaSource
 from consumer.settings import Settings
-from consumer.sqlite_process import SQLiteProcessStore
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import Store
-from tests.kafka_fixtures import KafkaBroker
+from consumer.store.base import Store
+from consumer.store.sqlite.process import SQLiteProcessStore
+from consumer.store.sqlite.store import SQLiteStore
+from tests.kafka_fixtures import KafkaBroker, kafka_source
 from tests.support import (
     Delivery,
     deliveries,
@@ -100,7 +99,7 @@ async def test_fixture_stream_through_the_writer_process_folds_to_expected(
     )
     store = SQLiteProcessStore(tmp_path / "p.db")
     await store.open()
-    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    source = kafka_source(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
         await wait_for_the_fixture(store, fixture)
@@ -108,9 +107,10 @@ async def test_fixture_stream_through_the_writer_process_folds_to_expected(
             for task_id, changes in expected_changes(fixture).items():
                 recorded = [[c.previous_phase, c.phase] for c in await store.task_changes(task_id)]
                 assert recorded == changes, task_id
-        assert store._planner.used > 0  # the consumer's process did fold some batches
+        assert store.plans_used > 0  # the consumer's process did fold some batches
         # Nobody else writes these tasks: no plan went stale.
-        assert source.stats.refolded == 0 and store._planner.refused == 0
+        assert store.plans_refused == 0
+        assert (await store.stats()).backend == {"plans_refused": 0}
     finally:
         await source.stop()
         await store.close()
@@ -127,7 +127,7 @@ async def test_fixture_stream_on_a_topic_folds_to_expected(
     )
     store = SQLiteStore(tmp_path / "k.db")
     await store.open()
-    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    source = kafka_source(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
         await wait_for_the_fixture(store, fixture)
@@ -166,7 +166,7 @@ async def test_all_three_formats_on_one_topic(
     )
     store = SQLiteStore(tmp_path / "f.db")
     await store.open()
-    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    source = kafka_source(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
 
@@ -218,7 +218,7 @@ async def test_crash_between_store_commit_and_offset_commit(
                 raise Crash
             return result
 
-    crashing = KafkaSource(CrashAfterCommit(), settings)  # type: ignore[arg-type]
+    crashing = kafka_source(CrashAfterCommit(), settings)  # type: ignore[arg-type]
     await crashing.start()
     assert crashing._task is not None
     with pytest.raises(Crash):
@@ -227,7 +227,7 @@ async def test_crash_between_store_commit_and_offset_commit(
     await crashing.stop()  # leaves the group without committing anything more
     committed_before = (await store.stats()).events
 
-    survivor = KafkaSource(store, settings)
+    survivor = kafka_source(store, settings)
     await survivor.start()
     try:
 
@@ -266,7 +266,7 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
     await produce(kafka_broker.bootstrap_servers, kafka_topic, records)
     store = SQLiteStore(tmp_path / "p.db")
     await store.open()
-    source = KafkaSource(store, kafka_settings(kafka_broker, kafka_topic))
+    source = kafka_source(store, kafka_settings(kafka_broker, kafka_topic))
     await source.start()
     try:
 
@@ -317,7 +317,7 @@ async def test_consumer_recovers_from_a_broker_restart(
     await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[:half])
     store = SQLiteStore(tmp_path / "r.db")
     await store.open()
-    source = KafkaSource(
+    source = kafka_source(
         store, kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200), retry_backoff_s=0.2
     )
     await source.start()
@@ -357,7 +357,7 @@ async def test_a_fault_in_the_consumer_loop_is_reported_not_silent(
     store = SQLiteStore(tmp_path / "f.db")
     await store.open()
     settings = kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=2)  # several batches
-    source = KafkaSource(store, settings, on_changes=broken_sink)
+    source = kafka_source(store, settings, on_changes=broken_sink)
     await source.start()
     try:
         await wait_until(lambda: _true(source.failure is not None), what="the failure reported")

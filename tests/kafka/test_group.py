@@ -15,7 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
-from consumer.secrets import redact
+from consumer.core.secrets import redact
 from tests.kafka.test_consumer import produce, task_key
 from tests.kafka_fixtures import KafkaBroker
 from tests.process.service_proc import ServiceProcess

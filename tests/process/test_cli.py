@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.secrets import redact
+from consumer.core.secrets import redact
 from tests.process.service_proc import PHASEWATCH, ServiceProcess
 from tests.support import FIXTURES, REPO, expected_tasks
 

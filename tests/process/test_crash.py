@@ -12,7 +12,7 @@ import aiohttp
 import orjson
 import pytest
 
-from consumer.secrets import redact
+from consumer.core.secrets import redact
 from tests.process.service_proc import ServiceProcess
 from tests.support import Delivery, deliveries, expected_changes, expected_tasks
 

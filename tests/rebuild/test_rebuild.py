@@ -11,9 +11,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.codec import decode
-from consumer.replay import Interrupted, rebuild
-from consumer.sqlite_store import SQLiteStore
+from consumer.core.codec import decode
+from consumer.replay.rebuild import Interrupted, rebuild
+from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
 
 

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from consumer.codec import decode
-from consumer.dispatch import Dispatcher
-from consumer.replay import Interrupted, replay_changes, replay_handlers, run_key
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import DeliveryStatus
-from consumer.subscription import PhaseChange, Subscription
+from consumer.core.change import PhaseChange
+from consumer.core.codec import decode
+from consumer.dispatch.dispatcher import Dispatcher
+from consumer.dispatch.subscription import Subscription
+from consumer.replay.rebuild import Interrupted, replay_changes, replay_handlers, run_key
+from consumer.store.base import DeliveryStatus
+from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_changes
 
 

@@ -1,4 +1,4 @@
-"""Helpers for the import/export/replay tests: a parser built the way consumer.cli builds
+"""Helpers for the import/export/replay tests: a parser built the way consumer.cli.main builds
 it, settings on a SQLite file, and a comparable picture of a store's contents."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from consumer import cli_replay
+from consumer.cli import replay as cli_replay
 from consumer.settings import Settings
-from consumer.sqlite_store import SQLiteStore
+from consumer.store.sqlite.store import SQLiteStore
 
 
 def parse(*argv: str) -> argparse.Namespace:

@@ -13,10 +13,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer import cli_replay
-from consumer.archive import BatchHook, checkpoint_key, import_archive
-from consumer.signature import verify
-from consumer.sqlite_store import SQLiteStore
+from consumer.cli import replay as cli_replay
+from consumer.core.signature import verify
+from consumer.replay.archive import BatchHook, checkpoint_key, import_archive
+from consumer.store.sqlite.store import SQLiteStore
 from tests.replay.support import contents, meta, parse, sqlite_settings
 from tests.support import FIXTURE_SECRET, FIXTURES, deliveries, expected_tasks
 

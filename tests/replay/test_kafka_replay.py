@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from consumer import cli_replay
-from consumer.kafka import replay_checkpoint_key, replay_topics
-from consumer.sqlite_store import SQLiteStore
+from consumer.cli import replay as cli_replay
+from consumer.sources.kafka.window import replay_checkpoint_key, replay_topics
+from consumer.store.sqlite.store import SQLiteStore
 from tests.kafka_fixtures import KafkaBroker
 from tests.replay.support import contents, meta, parse, sqlite_settings
 from tests.support import snapshot, webhook_body
@@ -163,7 +163,13 @@ async def test_interrupted_replay_resumes_without_rereading(
     await store.open()
     try:
         first = await replay_topics(
-            settings, store, since, until, batch_size=3, on_batch=interrupt_after_two
+            settings.kafka_connection(),
+            settings.topics(),
+            store,
+            since,
+            until,
+            batch_size=3,
+            on_batch=interrupt_after_two,
         )
         assert first.interrupted and not first.resumed
         assert 0 < first.records < 20
@@ -175,7 +181,14 @@ async def test_interrupted_replay_resumes_without_rereading(
         assert len(partial) < len(window_ids(5, 24))
 
         seen: list[int] = []
-        second = await replay_topics(settings, store, since, until, on_batch=seen.append)
+        second = await replay_topics(
+            settings.kafka_connection(),
+            settings.topics(),
+            store,
+            since,
+            until,
+            on_batch=seen.append,
+        )
         assert second.resumed and not second.interrupted
         # Exactly the rest: nothing of the first run was read again.
         assert first.records + second.records == 20

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from consumer.ingest import Ingestor
-from consumer.memory_store import MemoryStore
-from consumer.store import Outcome, RawIngestResult, Rejected
+from consumer.core.plan import Outcome
+from consumer.sources.group_commit import Ingestor
+from consumer.store.base import RawIngestResult, Rejected
+from consumer.store.memory import MemoryStore
 from tests.support import snapshot, webhook_body
 
 

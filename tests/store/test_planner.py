@@ -1,5 +1,5 @@
-"""Batches planned in the caller's process (``decode_here``): the writer process writes a
-plan only while what it assumed still holds, and otherwise folds the batch itself.
+"""Batches planned in the caller's process (a Kafka batch with record keys): the writer
+process writes a plan only while what it assumed still holds, and otherwise folds the batch itself.
 
 The behaviour suite in ``test_store.py`` runs against this path too (the
 ``sqlite-planned`` backend); these tests are about the plan going stale.
@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
-from consumer.codec import decode
-from consumer.sqlite_planner import Loaded, Planned, Planner, write_planned
-from consumer.sqlite_process import SQLiteProcessStore
-from consumer.sqlite_store import Rows, SQLiteStore, begin_immediate, read_for_planning
-from consumer.store import Outcome
+from consumer.core.codec import decode
+from consumer.core.plan import Outcome
+from consumer.store.sqlite.planner import Loaded, Planned, Planner, write_planned
+from consumer.store.sqlite.process import SQLiteProcessStore
+from consumer.store.sqlite.store import Rows, SQLiteStore, begin_immediate, read_for_planning
+from tests.conftest import PlannedProcessStore
 from tests.support import deliveries, snapshot, webhook_body
 
 
@@ -35,19 +36,17 @@ async def test_a_plan_made_stale_by_another_writer_is_refused_and_folded_anew(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "p.db"
-    planned = SQLiteProcessStore(path)
+    planned = PlannedProcessStore(path)
     other = SQLiteStore(path)  # a CLI import, or a second phasewatch on the same file
     await planned.open()
     await other.open()
     try:
-        await planned.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 1, decode_here=True)
+        await planned.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 1)
         # The planner now believes T is pending; another writer moves it on.
         await other.ingest([decode(ev("e2", "T", "running", 2, progress=0.5))], "webhook", 2)
-        result = await planned.ingest_raw(
-            [ev("e3", "T", "completed", 3)], "kafka", 3, decode_here=True
-        )
+        result = await planned.ingest_raw([ev("e3", "T", "completed", 3)], "kafka", 3)
         # Folded against what the store holds, not what the planner believed.
-        assert result.refolded
+        assert planned.plans_refused == 1
         assert phases(result.changes) == [("running", "completed")]
         assert phases(await planned.task_changes("T")) == [
             (None, "pending"),
@@ -57,11 +56,11 @@ async def test_a_plan_made_stale_by_another_writer_is_refused_and_folded_anew(
         stored = await planned.get_task("T")
         assert stored is not None and stored.phase == "completed"
         assert stored.task["progress"] == 0.5  # e2's field, which e3 does not carry
-        assert (planned._planner.used, planned._planner.refused) == (1, 1)
+        assert (planned.plans_used, planned.plans_refused) == (1, 1)
         # The planner forgot T: the next batch is planned from the store again, and used.
-        nxt = await planned.ingest_raw([ev("e4", "T", "failed", 4)], "kafka", 4, decode_here=True)
-        assert not nxt.refolded and phases(nxt.changes) == [("completed", "failed")]
-        assert planned._planner.used == 2
+        nxt = await planned.ingest_raw([ev("e4", "T", "failed", 4)], "kafka", 4)
+        assert phases(nxt.changes) == [("completed", "failed")]
+        assert (planned.plans_used, planned.plans_refused) == (2, 1)
     finally:
         await other.close()
         await planned.close()
@@ -70,19 +69,19 @@ async def test_a_plan_made_stale_by_another_writer_is_refused_and_folded_anew(
 async def test_a_restarted_planner_knows_what_the_history_holds(tmp_path: Path) -> None:
     path = tmp_path / "r.db"
     batch = [ev("e1", "T", "pending", 1), ev("e2", "T", "running", 2), ev("x", "U", "waiting", 1)]
-    first = SQLiteProcessStore(path)
+    first = PlannedProcessStore(path)
     await first.open()
     try:
-        await first.ingest_raw(batch, "kafka", 1, decode_here=True)
+        await first.ingest_raw(batch, "kafka", 1)
     finally:
         await first.close()
     # Kafka redelivers the batch to a new process after a crash.
-    again = SQLiteProcessStore(path)
+    again = PlannedProcessStore(path)
     await again.open()
     try:
-        result = await again.ingest_raw(batch, "kafka", 2, decode_here=True)
+        result = await again.ingest_raw(batch, "kafka", 2)
         assert result.outcomes == [Outcome.DUPLICATE] * 3 and result.changes == []
-        assert again._planner.used == 1  # planned right, from the store's own rows
+        assert again.plans_used == 1  # planned right, from the store's own rows
         assert (await again.stats()).events == 3
     finally:
         await again.close()
@@ -91,16 +90,14 @@ async def test_a_restarted_planner_knows_what_the_history_holds(tmp_path: Path) 
 async def test_events_of_a_lost_batch_are_not_reported_duplicates(tmp_path: Path) -> None:
     """A plan builds on the batches before it. When one of those is lost (its writer
     died), the events it carried must not count as stored in the batches after it."""
-    store = SQLiteProcessStore(tmp_path / "l.db")
+    store = PlannedProcessStore(tmp_path / "l.db")
     await store.open()
     try:
-        proc = store._proc
-        proc.kill()
-        proc.join(10)
+        store.kill_writer()
         with pytest.raises(RuntimeError, match="died"):
-            await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 1, decode_here=True)
+            await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 1)
         # The retry of the lost batch, and a batch that repeats its event.
-        result = await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 2, decode_here=True)
+        result = await store.ingest_raw([ev("e1", "T", "pending", 1)], "kafka", 2)
         assert result.outcomes == [Outcome.ACCEPTED]
         assert phases(result.changes) == [(None, "pending")]
     finally:
@@ -176,11 +173,13 @@ async def test_planned_and_writer_folded_batches_store_the_same(tmp_path: Path) 
     batches = [raws[i : i + 97] for i in range(0, len(raws), 97)]
     tables = []
     for decode_here in (False, True):
-        store = SQLiteProcessStore(tmp_path / f"{decode_here}.db")
+        store = (PlannedProcessStore if decode_here else SQLiteProcessStore)(
+            tmp_path / f"{decode_here}.db"
+        )
         await store.open()
         try:
             for batch in batches:
-                await store.ingest_raw(batch, "kafka", 1, decode_here=decode_here)
+                await store.ingest_raw(batch, "kafka", 1)
         finally:
             await store.close()
         with sqlite3.connect(tmp_path / f"{decode_here}.db") as con:

@@ -12,10 +12,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.codec import decode
-from consumer.sqlite_process import SQLiteProcessStore
-from consumer.sqlite_store import SQLiteStore
-from consumer.store import Cursor, Delivery, DeliveryStatus, Outcome, Store, TaskQuery
+from consumer.core.codec import decode
+from consumer.core.plan import Outcome
+from consumer.store.base import Cursor, Delivery, DeliveryStatus, Store, TaskQuery
+from consumer.store.sqlite.process import SQLiteProcessStore
+from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
 
 
@@ -280,8 +281,7 @@ async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> N
         assert (await store.ingest([decode(ev("a", "T", "pending", 1))], "w", 1)).outcomes == [
             Outcome.ACCEPTED
         ]
-        store._proc.kill()  # the writer dies (OOM killer, operator)
-        store._proc.join(10)
+        store.kill_writer()  # the writer dies (OOM killer, operator)
         with pytest.raises(RuntimeError, match="died"):
             await store.ingest([decode(ev("b", "T", "running", 2))], "w", 2)
         # The sender retries: a new writer takes it.
@@ -315,17 +315,20 @@ async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path
     store = SQLiteProcessStore(tmp_path / "d.db")
     await store.open()
     try:
-        first = store._proc
-        os.kill(first.pid, signal.SIGSTOP)  # batches queue up behind a stuck writer
+        first = store.writer_pid
+        assert first is not None
+        os.kill(first, signal.SIGSTOP)  # batches queue up behind a stuck writer
         queued = [
             asyncio.create_task(store.ingest_raw([ev(f"x{i}", "U", "pending", i)], "w", i))
             for i in range(3)
         ]
         await asyncio.sleep(0.2)
-        os.kill(first.pid, signal.SIGKILL)
+        os.kill(first, signal.SIGKILL)
         results = await asyncio.gather(*queued, return_exceptions=True)
         assert all(isinstance(r, RuntimeError) and "died" in str(r) for r in results)
-        assert store._proc is not first and store._proc.is_alive()  # one new writer
+        now = store.writer_pid
+        assert now is not None and now != first  # one new writer
+        os.kill(now, 0)  # alive
         again = await store.ingest_raw([ev("x0", "U", "pending", 0)], "w", 9)
         assert again.outcomes == [Outcome.ACCEPTED]
     finally:

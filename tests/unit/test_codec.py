@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumer.codec import EventFormat, InvalidEvent, NotAnEvent, NotJSON, decode
+from consumer.core.codec import EventFormat, InvalidEvent, NotAnEvent, NotJSON, decode
 from tests.support import deliveries, snapshot, webhook_body
 
 

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consumer.codec import Event, decode
-from consumer.fold import TaskState, apply, event_key
+from consumer.core.codec import Event, decode
+from consumer.core.fold import TaskState, order_key
+from consumer.core.plan import apply
 from tests.support import deliveries, expected_changes, expected_tasks, webhook_body
 
 
@@ -93,7 +94,7 @@ def lifecycles(draw: st.DrawFn, task_id: str = "T") -> list[Event]:
 def by_definition(events: list[Event]) -> dict[str, Any]:
     """Spec §5 read literally: per field, the value from the newest snapshot carrying it."""
     task: dict[str, Any] = {}
-    for event in sorted(events, key=event_key):
+    for event in sorted(events, key=order_key):
         assert event.snapshot is not None
         task.update(event.snapshot)
     return task
@@ -141,7 +142,7 @@ def test_phase_change_reported_exactly_when_materialized_phase_changes(
         before = None if state is None else state.phase
         applied = apply(state, event)
         state = applied.state
-        if newest is None or event_key(event) > event_key(newest):
+        if newest is None or order_key(event) > order_key(newest):
             newest = event
         assert state.phase == newest.phase  # the phase is that of the newest snapshot
         if before != state.phase:
@@ -165,10 +166,10 @@ def test_an_older_event_never_moves_the_phase_or_fires(
     case: tuple[list[Event], list[Event]],
 ) -> None:
     events, _ = case
-    newest = max(events, key=event_key)
+    newest = max(events, key=order_key)
     state, _ = fold([newest])
     for event in events:
-        if event_key(event) < event_key(newest):
+        if order_key(event) < order_key(newest):
             applied = apply(state, event)
             assert applied.transition is None
             assert applied.state.task["status"] == newest.snapshot["status"]  # type: ignore[index]
@@ -199,7 +200,7 @@ def test_fixtures_fold_to_expected_tasks(fixture: str) -> None:
 
 
 def test_small_in_updated_order_gives_expected_phase_changes() -> None:
-    events = sorted((decode(d.body) for d in deliveries("small")), key=event_key)
+    events = sorted((decode(d.body) for d in deliveries("small")), key=order_key)
     states: dict[str, TaskState] = {}
     seen: dict[str, list[list[str | None]]] = {}
     for event in events:

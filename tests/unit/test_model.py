@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from consumer.codec import InvalidEvent, decode
-from consumer.model import Phase, Task, TranscodeProfile
+from consumer.core.codec import InvalidEvent, decode
+from consumer.core.model import Phase, Task, TranscodeProfile
 from tests.support import SHARED, deliveries, expected_tasks, webhook_body
 
 

@@ -6,7 +6,7 @@ import re
 import sys
 from pathlib import Path
 
-from consumer.loading import load_subscriptions
+from consumer.dispatch.loading import load_subscriptions
 from consumer.settings import Settings
 from tests.support import REPO
 

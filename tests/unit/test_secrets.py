@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from consumer.secrets import MARKER, redact
+from consumer.core.secrets import MARKER, redact
 from tests.unit.test_model import seed_example
 
 SECRETS = ["secretAccessKey", "accessKeyId", "LS0tLS1CRUdJTiBQUklWQVRF", "eyJhbGciOiJIUzI1NiIs"]

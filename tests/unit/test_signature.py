@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.signature import SignatureError, sign, verify
+from consumer.core.signature import SignatureError, sign, verify
 from tests.support import FIXTURE_SECRET, deliveries
 
 NOW = 1_750_000_000_000

@@ -2,8 +2,9 @@
 between stores and re-reading it from Kafka.
 
 This module is the terminal side only: arguments, progress display, Ctrl-C and messages.
-The work is :mod:`consumer.archive` (files) and :func:`consumer.kafka.replay_topics`.
-``consumer.cli`` adds these commands to its parser with :func:`add_commands` and hands
+The work is :mod:`consumer.replay.archive` (files) and
+:func:`~consumer.sources.kafka.window.replay_topics`.
+``consumer.cli.main`` adds these commands to its parser with :func:`add_commands` and hands
 the parsed arguments to :func:`run` when :func:`handles` says they are ours.
 
 Ctrl-C finishes the batch in flight, saves the checkpoint and exits with 130; running
@@ -40,14 +41,14 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from consumer.archive import BatchHook, export_archive, import_archive
-from consumer.kafka import replay_topics
-from consumer.loading import load_subscriptions
-from consumer.replay import Interrupted, rebuild, replay_changes, replay_handlers, run_key
+from consumer.core.times import parse_time
+from consumer.dispatch.loading import load_subscriptions
+from consumer.replay.archive import BatchHook, export_archive, import_archive
+from consumer.replay.rebuild import Interrupted, rebuild, replay_changes, replay_handlers, run_key
 from consumer.service import open_store
 from consumer.settings import Settings
-from consumer.store import Store
-from consumer.times import parse_time
+from consumer.sources.kafka.window import replay_topics
+from consumer.store.base import Store
 
 __all__ = ["EXIT_INTERRUPTED", "add_commands", "handles", "run"]
 
@@ -311,13 +312,13 @@ async def _replay_kafka(
     try:
         with _Display("replay", "offsets") as progress:
             stats = await replay_topics(
-                settings,
+                settings.kafka_connection(),
+                args.topic or settings.topics(),
                 store,
                 args.since,
                 args.until,
-                progress,
-                topics=args.topic or None,
-                batch_size=args.batch_size,
+                progress=progress,
+                batch_size=args.batch_size or settings.kafka_max_batch,
                 stop=stop,
                 on_batch=on_batch,
                 fire_handlers=args.fire_handlers,

@@ -21,13 +21,13 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
-from consumer import cli_replay
-from consumer.secrets import redact, redact_text
+from consumer.cli import replay as cli_replay
+from consumer.core.secrets import redact, redact_text
+from consumer.core.signature import sign
+from consumer.core.times import parse_time
 from consumer.service import open_store, serve
 from consumer.settings import Settings
-from consumer.signature import sign
-from consumer.store import DeliveryStatus, TaskQuery
-from consumer.times import parse_time
+from consumer.store.base import DeliveryStatus, TaskQuery
 
 __all__ = ["main"]
 

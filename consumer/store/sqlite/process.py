@@ -7,21 +7,29 @@ runs in a child process that owns a writer connection to the same database file:
 decodes the raw messages (the wire format is the only interface; the parent never
 parses them), folds them and commits, in parallel with the parent's event loop.
 
-A caller whose own process has a core to spare (the Kafka consumer) passes
-``decode_here=True``: the parent then decodes and folds the batch itself and sends the
-child a plan, which the child checks and writes (:mod:`consumer.sqlite_planner`).
+A caller that passes record keys (the Kafka consumer, whose own process has a core to
+spare; webhooks have none and pass none) gets its batch split by key: for a share of
+the keys (``fold_here``, 0.7 by default; the key is the task id, so a task is always
+folded on the same side), the parent decodes and folds the records itself and sends the
+child a plan, which the child checks and writes (:mod:`consumer.store.sqlite.planner`);
+the child decodes and folds the rest. So such a batch is up to two transactions, each
+all or nothing by task, both done before the call returns; a retry of the whole batch
+finds the committed part as duplicates. Plans that went stale are counted in
+``stats().backend["plans_refused"]``.
 
 Batches are queued to the child over a socket pair that the parent drives from its
-event loop; replies come back in order. The child commits every request it finds
-queued in one transaction, so callers may hand it the next batch while one commits.
+event loop; replies come back in order. The framing is this module's own (a length,
+then a pickle), on both ends. The child commits every request it finds queued in one
+transaction, so callers may hand it the next batch while one commits
+(:attr:`pipeline_depth` is 2).
 
 Everything else (reads, delivery records, leases) stays in the parent on the ordinary
 :class:`SQLiteStore`; SQLite's file lock arbitrates the two writers
 (:func:`begin_immediate`). If the child dies, the batches in flight fail (the caller
 answers 503 or retries) and a new child is started.
 
-Semantics are the store's own: the child runs the same ``_ingest_in_tx``, and a plan is
-written only when it is what ``_ingest_in_tx`` would have written.
+Semantics are the store's own: the child runs the same ``ingest_in_tx``, and a plan is
+written only when it is what ``ingest_in_tx`` would have written.
 """
 
 from __future__ import annotations
@@ -29,50 +37,97 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
-import os
 import pickle
 import socket
 import sqlite3
 import struct
+import zlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from consumer.codec import Event
-from consumer.collector import tune_for_batches
-from consumer.sqlite_planner import Loaded, Planner, write_planned
-from consumer.sqlite_store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
-from consumer.store import (
-    ChangeRecord,
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import Event
+from consumer.core.plan import Outcome
+from consumer.store.base import (
     IngestResult,
-    Outcome,
     RawIngestResult,
     Rejected,
+    StoreStats,
     decode_all,
     with_rejections,
 )
+from consumer.store.sqlite.collector import tune_for_batches
+from consumer.store.sqlite.planner import Loaded, Planner, write_planned
+from consumer.store.sqlite.store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
 
 __all__ = ["SQLiteProcessStore"]
 
 
-def _child(conn: Connection, path: str, synchronous: Synchronous, record_updates: bool) -> None:
+class _Channel:
+    """The child's end of the socket: blocking, framed as :func:`_frame` frames."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def _next_frame(self) -> bytes | None:
+        buffer = self._buffer
+        if len(buffer) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(buffer)
+        end = _HEADER.size + size
+        if len(buffer) < end:
+            return None
+        payload = bytes(buffer[_HEADER.size : end])
+        del buffer[:end]
+        return payload
+
+    def _read(self, *, block: bool) -> bool:
+        try:
+            chunk = self._sock.recv(_SOCKET_BUFFER, 0 if block else socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise EOFError
+        self._buffer += chunk
+        return True
+
+    def recv(self) -> Any:
+        while (payload := self._next_frame()) is None:
+            self._read(block=True)
+        return pickle.loads(payload)  # noqa: S301 - our parent
+
+    def poll(self) -> bool:
+        """Whether a whole request is already here (without waiting for one)."""
+        while (
+            len(self._buffer) < _HEADER.size
+            or len(self._buffer) < _HEADER.size + (_HEADER.unpack_from(self._buffer)[0])
+        ):
+            if not self._read(block=False):
+                return False
+        return True
+
+    def send(self, reply: Any) -> None:
+        self._sock.sendall(_frame(pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)))
+
+
+def _child(sock: socket.socket, path: str, synchronous: Synchronous, record_updates: bool) -> None:
     tune_for_batches()
     store = SQLiteStore(path, synchronous=synchronous, record_updates=record_updates)
-    sock = socket.socket(fileno=conn.fileno())  # a view of the same socket, to size it
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-    sock.detach()
-    con = store._connect(True)
+    conn = _Channel(sock)
+    con = store.writer_connection()
     stopping = False
     while not stopping:
         try:
             requests = [conn.recv()]
             # Group commit across requests: whatever else is already queued shares the
             # transaction (one WAL write of the tail pages, one fsync).
-            while len(requests) < _MAX_COALESCED and conn.poll(0):
+            while len(requests) < _MAX_COALESCED and conn.poll():
                 requests.append(conn.recv())
         except EOFError:
             break
@@ -82,6 +137,7 @@ def _child(conn: Connection, path: str, synchronous: Synchronous, record_updates
         for reply in _commit(store, con, requests):
             conn.send(reply)
     con.close()
+    sock.close()
 
 
 _MAX_COALESCED = 16
@@ -118,7 +174,7 @@ def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: Any) -> tuple[
             return ("planned", base, None)
         # What the plan assumed no longer holds: fold the batch here, as without one.
     events, rejected = decode_all(raws)
-    result = store._ingest_in_tx(con, events, source, received_at, record_changes)
+    result = store.ingest_in_tx(con, events, source, received_at, record_changes)
     outcomes = with_rejections(result, rejected, len(raws)).outcomes
     return (
         "ok",
@@ -150,7 +206,6 @@ class _Link:
     """One writer process and the parent's end of its socket."""
 
     proc: Any
-    conn: Connection
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     # Replies come back in request order; a caller may send its batch while the one
@@ -163,17 +218,51 @@ class SQLiteProcessStore(SQLiteStore):
     """:class:`SQLiteStore` whose ``ingest`` runs in a child process."""
 
     def __init__(
-        self, path: Path | str, *, synchronous: Synchronous = "FULL", record_updates: bool = False
+        self,
+        path: Path | str,
+        *,
+        synchronous: Synchronous = "FULL",
+        record_updates: bool = False,
+        fold_here: float = 0.7,
     ) -> None:
         super().__init__(path, synchronous=synchronous, record_updates=record_updates)
+        if not 0 <= fold_here <= 1:
+            raise ValueError(f"fold_here must be within 0..1, got {fold_here}")
+        self._fold_here = round(fold_here * 1000)  # per mille of the keys
         self._link: _Link | None = None
         self._restarting = asyncio.Lock()
         self._planning = asyncio.Lock()
         self._planner = Planner(self._load_for_planning, record_updates=record_updates)
 
     @property
-    def _proc(self) -> Any:
-        return None if self._link is None else self._link.proc
+    def pipeline_depth(self) -> int:
+        return 2  # the writer commits together what it finds queued: keep it fed
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None while none runs), for operators and tests."""
+        return None if self._link is None else int(self._link.proc.pid)
+
+    @property
+    def plans_used(self) -> int:
+        """Plans made here that the writer checked and wrote."""
+        return self._planner.used
+
+    @property
+    def plans_refused(self) -> int:
+        """Plans made here that the writer found stale and folded again itself."""
+        return self._planner.refused
+
+    def kill_writer(self) -> None:
+        """Kill the writer process, as the OOM killer would: the batches in flight fail,
+        and the next call starts a new writer. For fault drills and tests."""
+        if self._link is not None:
+            self._link.proc.kill()
+            self._link.proc.join(10)
+
+    async def stats(self) -> StoreStats:
+        stats = await super().stats()
+        return replace(stats, backend={**stats.backend, "plans_refused": self.plans_refused})
 
     async def open(self) -> None:
         await super().open()  # creates the schema before the child connects
@@ -182,7 +271,7 @@ class SQLiteProcessStore(SQLiteStore):
     async def _spawn(self) -> _Link:
         # spawn, not fork: the parent has threads and an event loop running.
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()  # a Unix socket pair
+        parent, child = socket.socketpair()
         proc = ctx.Process(
             target=_child,
             args=(child, str(self.path), self._synchronous, self.record_updates),
@@ -195,11 +284,10 @@ class SQLiteProcessStore(SQLiteStore):
         # thread: a thread blocked on a full socket buffer needs the interpreter lock back
         # after every chunk, and waits a whole switch interval (5 ms) each time the loop
         # is busy; a batch of a few MB took 100+ ms that way.
-        sock = socket.socket(fileno=os.dup(parent.fileno()))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
-        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_SOCKET_BUFFER)
-        link = _Link(proc, parent, reader, writer)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
+        parent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+        reader, writer = await asyncio.open_unix_connection(sock=parent, limit=_SOCKET_BUFFER)
+        link = _Link(proc, reader, writer)
         link.replies = asyncio.create_task(_read_replies(link), name="sqlite-writer-replies")
         return link
 
@@ -216,7 +304,6 @@ class SQLiteProcessStore(SQLiteStore):
         link.writer.close()
         with contextlib.suppress(OSError):
             await link.writer.wait_closed()
-        link.conn.close()
         await asyncio.get_running_loop().run_in_executor(None, link.proc.join, 10)
 
     async def close(self) -> None:
@@ -248,20 +335,62 @@ class SQLiteProcessStore(SQLiteStore):
         received_at: int,
         *,
         record_changes: bool = True,
-        decode_here: bool = False,
+        keys: Sequence[bytes | None] | None = None,
     ) -> RawIngestResult:
         """Batches from concurrent callers are queued to the writer, which commits them
-        one after another, in the order they were sent. With ``decode_here``, this
-        process decodes and folds the batch and the writer only writes it (see
-        :mod:`consumer.sqlite_planner`)."""
+        one after another, in the order they were sent. With ``keys``, the records of a
+        ``fold_here`` share of the keys are decoded and folded here and the writer only
+        writes them (see the module docstring)."""
+        if keys is None or self._fold_here == 0:
+            return await self._ingest_there(raws, source, received_at, record_changes)
+        here: list[int] = []
+        there: list[int] = []
+        for i, key in enumerate(keys):
+            fold_here = key is not None and zlib.crc32(key) % 1000 < self._fold_here
+            (here if fold_here else there).append(i)
+        parts = [
+            (positions, self._ingest_here if local else self._ingest_there)
+            for positions, local in ((here, True), (there, False))
+            if positions
+        ]
+        results = await asyncio.gather(
+            *(
+                ingest([raws[i] for i in positions], source, received_at, record_changes)
+                for positions, ingest in parts
+            )
+        )
+        if len(results) == 1:
+            return results[0]
+        outcomes: list[Outcome | Rejected] = [Outcome.DUPLICATE] * len(raws)
+        changes: list[ChangeRecord] = []
+        for (positions, _), result in zip(parts, results, strict=True):
+            for i, outcome in zip(positions, result.outcomes, strict=True):
+                outcomes[i] = outcome
+            changes.extend(result.changes)
+        changes.sort(key=lambda c: c.seq)
+        return RawIngestResult(outcomes, changes)
+
+    async def _ingest_there(
+        self, raws: Sequence[bytes], source: str, received_at: int, record_changes: bool
+    ) -> RawIngestResult:
+        """The writer process decodes, folds and writes."""
         link = self._link
         if link is None:
             raise RuntimeError("SQLiteProcessStore is not open")
-        if not decode_here:
-            status, outcomes, changes = await self._call(
-                link, (list(raws), source, received_at, record_changes, None)
-            )
-            return _result(outcomes, changes)
+        _, outcomes, changes = await self._call(
+            link, (list(raws), source, received_at, record_changes, None)
+        )
+        return _result(outcomes, changes)
+
+    async def _ingest_here(
+        self, raws: Sequence[bytes], source: str, received_at: int, record_changes: bool
+    ) -> RawIngestResult:
+        """This process decodes and folds; the writer checks the plan and writes it."""
+        link = self._link
+        if link is None:
+            raise RuntimeError("SQLiteProcessStore is not open")
+        # This process now decodes batches too: the collector settings that suit that.
+        tune_for_batches()
         async with self._planning:
             # Plans go to the writer in the order they are made: each builds on the last.
             plan = await self._planner.plan(raws, record_changes)
@@ -275,8 +404,7 @@ class SQLiteProcessStore(SQLiteStore):
             raise
         self._planner.settle(plan, used=status == "planned")
         if status != "planned":
-            refolded = _result(outcomes, changes)
-            return RawIngestResult(refolded.outcomes, refolded.changes, refolded=True)
+            return _result(outcomes, changes)  # stale: the writer folded it itself
         base: int = outcomes
         return RawIngestResult(
             plan.outcomes,
@@ -333,8 +461,6 @@ async def _read_replies(link: _Link) -> None:
     try:
         while True:
             (size,) = _HEADER.unpack(await link.reader.readexactly(_HEADER.size))
-            if size == -1:
-                (size,) = _LONG.unpack(await link.reader.readexactly(_LONG.size))
             reply = pickle.loads(await link.reader.readexactly(size))  # noqa: S301 - our child
             waiter = link.pending.popleft()
             if not waiter.done():
@@ -348,14 +474,10 @@ async def _read_replies(link: _Link) -> None:
                 waiter.set_exception(_WriterDied())
 
 
-# multiprocessing.Connection's framing, which the child reads and writes.
-_HEADER = struct.Struct("!i")
-_LONG = struct.Struct("!Q")
+# This module's framing, both ways: an 8-byte length, then the pickled message.
+_HEADER = struct.Struct("!Q")
 _SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 def _frame(payload: bytes) -> bytes:
-    size = len(payload)
-    if size > 0x7FFFFFFF:
-        return _HEADER.pack(-1) + _LONG.pack(size) + payload
-    return _HEADER.pack(size) + payload
+    return _HEADER.pack(len(payload)) + payload

@@ -1,12 +1,20 @@
-"""Times as users type them (ISO-8601 or Unix milliseconds) to Unix milliseconds. Pure."""
+"""Time, in the one unit the project keeps: Unix milliseconds. :func:`now_ms` is the
+project's one wall clock; :func:`parse_time` reads times as users type them
+(ISO-8601 or Unix ms). No I/O."""
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
-__all__ = ["parse_time"]
+__all__ = ["now_ms", "parse_time"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def now_ms() -> int:
+    """The wall clock in Unix ms: receipt times, delivery records, leases."""
+    return time.time_ns() // 1_000_000
 
 
 def parse_time(text: str) -> int:

@@ -1,10 +1,10 @@
 """Planning a batch ahead of the SQLite writer, so that the writer process only writes.
 
-With :class:`~consumer.sqlite_process.SQLiteProcessStore`, the writer process decodes,
+With :class:`~consumer.store.sqlite.process.SQLiteProcessStore`, the writer process decodes,
 folds and writes every batch on one core, while a Kafka consumer's own process mostly
 waits for it. A caller whose process has a core to spare (``ingest_raw(...,
 decode_here=True)``) decodes and folds the batch itself: :class:`Planner` turns raw
-messages into the rows to write (:class:`~consumer.sqlite_store.Rows`), and the writer
+messages into the rows to write (:class:`~consumer.store.sqlite.store.Rows`), and the writer
 process only checks and writes them.
 
 The plan is optimistic: it is made against what the planner believes the store holds,
@@ -35,25 +35,16 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from consumer.codec import Event
-from consumer.fold import TaskState
-from consumer.sqlite_store import (
+from consumer.core.codec import Event
+from consumer.core.fold import TaskState
+from consumer.core.plan import DedupKey, NewChange, Outcome, decode_keys, plan_batch
+from consumer.store.base import IngestResult, Rejected, decode_all, with_rejections
+from consumer.store.sqlite.store import (
     Rows,
     known_events,
     plan_rows,
     read_current,
     write_rows,
-)
-from consumer.store import (
-    EventKey,
-    IngestResult,
-    NewChange,
-    Outcome,
-    Rejected,
-    decode_all,
-    decode_keys,
-    plan_batch,
-    with_rejections,
 )
 
 __all__ = ["Loaded", "Plan", "Planned", "Planner", "write_planned"]
@@ -68,7 +59,7 @@ class Planned:
 
     rows: Rows
     assumed: dict[str, ViewRow]  # each task an event of the batch folds into
-    known: list[EventKey]  # the batch's events the plan counted as already stored
+    known: list[DedupKey]  # the batch's events the plan counted as already stored
 
 
 @dataclass(slots=True)
@@ -159,7 +150,7 @@ class Planner:
         record_changes: bool,
     ) -> Plan:
         cache = self._cache
-        known: list[EventKey] = []
+        known: list[DedupKey] = []
         for e in events:
             owner = e.task_id
             if e.id in (untasked_known if owner is None else cache[owner].events):

@@ -33,10 +33,11 @@ from typing import IO, Any
 
 import orjson
 
-from consumer.codec import DecodeError, Event, decode
-from consumer.ingest import now_ms
-from consumer.signature import SignatureError, sign, verify
-from consumer.store import HistoryEntry, Outcome, Store
+from consumer.core.codec import DecodeError, Event, decode
+from consumer.core.plan import Outcome
+from consumer.core.signature import SignatureError, sign, verify
+from consumer.core.times import now_ms
+from consumer.store.base import HistoryEntry, Store
 
 __all__ = [
     "IMPORT_SOURCE",

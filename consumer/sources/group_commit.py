@@ -17,19 +17,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from consumer.store import ChangeRecord, Outcome, RawIngestResult, Rejected, Store
+from consumer.core.change import ChangeRecord
+from consumer.core.plan import Outcome
+from consumer.core.times import now_ms
+from consumer.store.base import RawIngestResult, Rejected, Store
 
-__all__ = ["IngestStats", "Ingestor", "now_ms"]
+__all__ = ["ChangeSink", "IngestStats", "Ingestor"]
 
 log = logging.getLogger(__name__)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)

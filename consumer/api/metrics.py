@@ -34,6 +34,9 @@ class _Snapshot(Collector):
             "Changes this process still has to hand to handlers.",
             s["pendingChanges"],
         )
+        for name, value in s.get("store", {}).items():
+            # The backend's own figures (e.g. the SQLite writer's refused plans).
+            yield _counter(f"phasewatch_store_{name}", f"Store backend: {name}.", value)
         ingest = s["ingest"]
         yield _counter(
             "phasewatch_webhook_events_accepted", "Webhook events committed.", ingest["accepted"]
@@ -81,12 +84,6 @@ class _Snapshot(Collector):
                 "phasewatch_kafka_commit_failures",
                 "Offset commits that failed.",
                 kafka["commitFailures"],
-            )
-            yield _counter(
-                "phasewatch_kafka_batches_refolded",
-                "Batch parts planned in the consumer's process whose plan went stale (another"
-                " writer touched their tasks first) and were folded again by the writer.",
-                kafka["refolded"],
             )
             lag = GaugeMetricFamily(
                 "phasewatch_kafka_lag", "Records behind, per partition.", labels=["partition"]

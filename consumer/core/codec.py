@@ -16,7 +16,7 @@ Errors form one small hierarchy; each maps to one HTTP status and one DLQ reason
     └── InvalidEvent     422     an event whose task cannot be used (no id, no
                                  status.phase, non-numeric status.updatedAt, ...)
 
-The checks here are exactly the ones :class:`consumer.model.Task` is strict about (a test
+The checks here are exactly the ones :class:`consumer.core.model.Task` is strict about (a test
 holds the two in agreement); the full model is not built on the hot path because every
 other field is accepted whatever its shape.
 """
@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from consumer.model import is_number
+from consumer.core.model import is_number
 
 __all__ = [
     "HTTP_STATUS",
@@ -180,7 +180,7 @@ def _bare_task(doc: dict[str, Any], raw: bytes) -> Event:
 
 
 def _check_task(task: dict[str, Any], where: str) -> str:
-    """The three things a task event cannot do without (mirrors consumer.model.Task)."""
+    """The three things a task event cannot do without (mirrors consumer.core.model.Task)."""
     task_id = task.get("id")
     if not isinstance(task_id, str) or not task_id:
         raise InvalidEvent(f"{where}.id must be a non-empty string")

@@ -1,113 +1,111 @@
-"""The store seam: what every backend keeps, the Protocol they implement, and the pure
-batch planner they share.
+"""The store seam: what every backend keeps, the small role Protocols it implements,
+and the contract they share. Nothing backend-specific (SQL, connections, rowids,
+processes) crosses these Protocols.
 
-A store keeps three things, written together in one transaction per batch:
+A store keeps four things:
 
 * the **history**: every accepted event (raw bytes, source, receipt time), append-only,
-  deduplicated by event id (within its task: see :data:`EventKey`);
+  deduplicated by ``(task id, event id)`` (see :data:`~consumer.core.plan.DedupKey`);
 * the **view**: the latest materialized task per id (with the per-field fold keys);
-* the **outbox**: phase changes still to be handed to handlers.
+* the **outbox**: the phase changes recorded, each with a store-wide ``seq``; and for
+  each handler a cursor and delivery records;
+* **leases** and small **meta** notes (checkpoints).
 
-Backends differ only in how they read and write rows. Deciding what a batch does —
-which events are duplicates, the new state of each task, which phase changes to record —
-is :func:`plan_batch`, pure and shared, so SQLite, PostgreSQL and the in-memory fake
-cannot drift apart. Nothing backend-specific (SQL, connections, rowids) crosses the
-Protocol.
+Deciding what a batch does is :func:`~consumer.core.plan.plan_batch`, pure and shared,
+so backends differ only in how they read and write rows.
+
+Roles, and who uses which (one backend class implements them all; see :class:`Store`):
+
+=====================  =================================================  ===============
+role                   methods                                            used by
+=====================  =================================================  ===============
+:class:`IngestStore`   ``ingest``, ``ingest_raw``, ``pipeline_depth``     sources, import
+:class:`ViewStore`     ``get_task``, ``list_tasks``, ``stats``            API, CLI
+:class:`HistoryStore`  ``task_history``, ``history_after``, ...           API, rebuild,
+                                                                          export
+:class:`RebuildStore`  ``stage_rebuilt``, ``swap_rebuilt``, ...           rebuild
+:class:`OutboxStore`   changes, cursors, delivery records                 dispatch,
+                                                                          replay, API
+:class:`LeaseStore`    ``acquire_lease``, ``release_lease``               dispatch
+:class:`MetaStore`     ``get_meta``, ``set_meta``                         long jobs
+=====================  =================================================  ===============
+
+The contract
+------------
+**Atomic.** One ``ingest``/``ingest_raw`` call is one transaction: its new history
+rows, view rows and outbox changes are all committed or none is. A backend may split
+one call into several transactions only if each is all-or-nothing *by task* and a retry
+of the whole call after a partial failure finds the committed part as duplicates (the
+SQLite writer process does, by record key). ``record_deliveries`` is atomic.
+``swap_rebuilt`` replaces the view atomically.
+
+**Idempotent.** Ingesting an event whose dedup key is stored does nothing and reports
+``DUPLICATE``. Since the fold is a join, ingesting the same events again, in any order or
+split, leaves the same view and records no second phase change. ``set_cursor``,
+``set_meta``, ``record_deliveries`` (insert or replace by ``(handler, seq, replay)``) and
+``acquire_lease`` by the holder are idempotent too.
+
+**Visible in commit order.** This is what the dispatcher and rebuild rely on, and what a
+multi-writer backend must keep. Once a reader has seen a change with ``seq = n``
+(``changes_after``), every change it will ever see later has ``seq > n``: a change is
+never committed *behind* a seq that a reader could already have read. Likewise for the
+history's ``seq`` (``history_after``, ``stats().last_event_seq``). The dispatcher keeps a
+cursor per handler and reads ``changes_after(cursor)``; rebuild reads the history up to
+``last_event_seq`` and later folds in ``seq > upto``. A change committed behind the
+cursor would be skipped for good. A single writer (SQLite) gives this for free; a
+backend with concurrent writers must serialize seq allocation with commit, or expose
+only seqs below a visibility watermark (all transactions that could still commit a
+lower seq have ended).
+
+**Within a task**, changes have increasing seqs in the order the fold made them, so a
+dispatcher that delivers per task in seq order delivers in fold order.
+
+**Concurrency.** Every method is a coroutine, safe to call concurrently from one event
+loop; a backend serializes its own writes. Several processes may share one store (a CLI
+import next to the service); they agree on one dispatcher through a lease.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
 
-from consumer.codec import DecodeError, Event, EventFormat, decode
-from consumer.fold import Key, TaskState, fold_into
-from consumer.fold import event_key as fold_key
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import DecodeError, Event, EventFormat, decode
+from consumer.core.fold import TaskState
+from consumer.core.plan import Outcome
 
 __all__ = [
-    "BatchPlan",
     "ChangeRecord",
     "Cursor",
     "Delivery",
     "DeliveryStatus",
-    "EventKey",
     "HistoryEntry",
+    "HistoryStore",
     "IngestResult",
-    "NewChange",
+    "IngestStore",
+    "LeaseStore",
+    "MetaStore",
+    "OutboxStore",
     "Outcome",
     "RawIngestResult",
+    "RebuildStore",
     "Rejected",
     "Store",
     "StoreStats",
     "StoredTask",
     "TaskPage",
     "TaskQuery",
+    "ViewStore",
     "decode_all",
-    "decode_keys",
-    "encode_keys",
-    "event_key",
     "ingest_decoded",
-    "plan_batch",
     "with_rejections",
 ]
-
-
-class Outcome(StrEnum):
-    ACCEPTED = "accepted"  # new event, now in the history (and folded, if a task event)
-    DUPLICATE = "duplicate"  # event id already in the history: nothing done
-
-
-@dataclass(slots=True)
-class NewChange:
-    """A phase change computed by :func:`plan_batch`, not yet given an outbox sequence.
-    Not frozen, for the same reason as :class:`~consumer.codec.Event`."""
-
-    task_id: str
-    event_id: str
-    previous_phase: str | None
-    phase: str
-    changed_at: int | float  # status.updatedAt of the snapshot that moved the phase
-    task: dict[str, Any]  # the materialized task right after the change
-    kind: str = "phase"  # "phase", or "update" (recorded only when asked for)
-
-    def recorded(self, seq: int, recorded_at: int) -> ChangeRecord:
-        """This change as the outbox holds it once given ``seq``."""
-        return ChangeRecord(
-            seq,
-            self.task_id,
-            self.event_id,
-            self.previous_phase,
-            self.phase,
-            self.changed_at,
-            recorded_at,
-            self.task,
-            self.kind,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeRecord:
-    """A phase change as recorded in the outbox. ``seq`` orders changes store-wide."""
-
-    seq: int
-    task_id: str
-    event_id: str
-    previous_phase: str | None
-    phase: str
-    changed_at: int | float
-    recorded_at: int  # Unix ms when phasewatch committed it
-    task: dict[str, Any]  # the materialized task right after the change (not redacted)
-    kind: str = "phase"  # "phase": the phase moved; "update": anything else changed
-
-    @property
-    def task_type(self) -> str | None:
-        value = self.task.get("type")
-        return value if isinstance(value, str) else None
 
 
 class DeliveryStatus(StrEnum):
@@ -212,6 +210,9 @@ class StoreStats:
     changes: int
     last_change_seq: int
     last_event_seq: int = 0
+    # Figures of the backend's own machinery (name -> count), for /readyz and /metrics:
+    # e.g. the SQLite writer process's refused plans. Names are snake_case.
+    backend: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +237,6 @@ class RawIngestResult:
 
     outcomes: list[Outcome | Rejected]
     changes: list[ChangeRecord]
-    # With decode_here: the caller's plan had gone stale (another writer touched its
-    # tasks first), so the store decoded and folded the batch itself. Same result.
-    refolded: bool = False
 
     @property
     def rejected(self) -> list[tuple[int, Rejected]]:
@@ -259,14 +257,14 @@ def decode_all(raws: Sequence[bytes]) -> tuple[list[Event], dict[int, Rejected]]
 
 
 async def ingest_decoded(
-    store: Store,
+    store: IngestStore,
     raws: Sequence[bytes],
     source: str,
     received_at: int,
     *,
     record_changes: bool = True,
 ) -> RawIngestResult:
-    """:meth:`Store.ingest_raw` for a backend that decodes where it runs: decode here,
+    """:meth:`IngestStore.ingest_raw` for a backend that decodes where it runs: decode here,
     ingest the events, put the rejections back in place."""
     events, rejected = decode_all(raws)
     result = await store.ingest(events, source, received_at, record_changes=record_changes)
@@ -286,120 +284,15 @@ def with_rejections(
     return RawIngestResult(outcomes, result.changes)
 
 
-@dataclass(slots=True)
-class BatchPlan:
-    """What one batch does to a store; backends write it in one transaction."""
+class IngestStore(Protocol):
+    """Ingestion: store, fold and record a batch (the sources, imports, replays)."""
 
-    outcomes: list[Outcome] = field(default_factory=list)
-    new_events: list[Event] = field(default_factory=list)
-    states: dict[str, TaskState] = field(default_factory=dict)  # tasks to write
-    versions_bumped: set[str] = field(default_factory=set)  # tasks whose materialized value changed
-    changes: list[NewChange] = field(default_factory=list)
-
-
-EventKey = tuple[str | None, str]
-"""What the history deduplicates on: ``(task id, event id)``; task id None for non-task
-events. An event id is unique per event in Livepeer's feeds, so this is event-id dedup;
-scoping it by task lets a backend keep the check next to the task's other events (recent
-tasks cluster together), instead of in one index of random ids that every batch dirties
-all over."""
-
-
-def event_key(event: Event) -> EventKey:
-    """The deduplication key of ``event`` (see :data:`EventKey`)."""
-    return (event.task_id, event.id)
-
-
-def plan_batch(
-    events: Sequence[Event],
-    known: Iterable[EventKey],
-    states: Mapping[str, TaskState],
-    *,
-    record_updates: bool = False,
-    record_changes: bool = True,
-) -> BatchPlan:
-    """Decide what a batch does, given the event keys already stored among the batch's and
-    the current state of the tasks it touches (absent: never seen). With
-    ``record_updates``, a change of the materialized task that keeps its phase is recorded
-    too (kind "update"), for handlers that want progress."""
-    seen = set(known)
-    plan = BatchPlan()
-    # One working copy per task for the whole batch, folded into in place: copying the
-    # task for every event was most of the planning time. ``states`` is never mutated.
-    work: dict[str, TaskState] = {}
-    for event in events:
-        task_id = event.task_id
-        key = (task_id, event.id)
-        if key in seen:
-            plan.outcomes.append(Outcome.DUPLICATE)
-            continue
-        seen.add(key)
-        plan.outcomes.append(Outcome.ACCEPTED)
-        plan.new_events.append(event)
-        if task_id is None:
-            continue
-        snapshot = event.snapshot
-        if snapshot is None:  # a decoded task event always carries one
-            raise ValueError(f"event {event.id!r} ({event.kind}) carries no task snapshot")
-        order = fold_key(event)
-        state = work.get(task_id)
-        if state is None:
-            before = states.get(task_id)
-            if before is None:
-                state = work[task_id] = TaskState(dict(snapshot), dict.fromkeys(snapshot, order))
-                plan.states[task_id] = state
-                plan.versions_bumped.add(task_id)
-                if record_changes:
-                    plan.changes.append(_change(event, None, state, "phase"))
-                continue
-            state = work[task_id] = TaskState(dict(before.task), dict(before.keys))
-        previous = state.phase
-        took, changed = fold_into(state.task, state.keys, snapshot, order)
-        if not took:
-            continue
-        plan.states[task_id] = state
-        if changed:
-            plan.versions_bumped.add(task_id)
-        if not record_changes:
-            continue
-        if state.phase != previous:
-            plan.changes.append(_change(event, previous, state, "phase"))
-        elif record_updates and changed:
-            plan.changes.append(_change(event, previous, state, "update"))
-    return plan
-
-
-def _change(event: Event, previous: str | None, state: TaskState, kind: str) -> NewChange:
-    # A copy: later events of the batch go on folding into the working state. Values are
-    # replaced, never mutated, so a shallow one is enough.
-    task = dict(state.task)
-    return NewChange(
-        str(event.task_id), event.id, previous, state.phase, state.updated_at, task, kind
-    )
-
-
-def encode_keys(keys: Mapping[str, Key]) -> bytes:
-    """Per-field fold keys, compactly: most fields share the key of one snapshot."""
-    distinct: dict[Key, int] = {}
-    fields: dict[str, int] = {}
-    for name, key in keys.items():
-        fields[name] = distinct.setdefault(key, len(distinct))
-    return orjson.dumps({"k": list(distinct), "f": fields})
-
-
-def decode_keys(blob: bytes | str) -> dict[str, Key]:
-    doc = orjson.loads(blob)
-    table = [(k[0], k[1], k[2]) for k in doc["k"]]
-    return {name: table[index] for name, index in doc["f"].items()}
-
-
-class Store(Protocol):
-    """A backend. All methods are coroutines; implementations must be safe to call
-    concurrently from one event loop (they serialize writes themselves)."""
-
-    async def open(self) -> None: ...
-
-    async def close(self) -> None: ...
+    @property
+    def pipeline_depth(self) -> int:
+        """How many batches a caller should keep in flight: 1 for a backend that writes
+        on the caller's loop; more for one that queues batches to a writer of its own,
+        so that the writer starts the next as soon as it commits one."""
+        ...
 
     async def ingest(
         self,
@@ -421,20 +314,30 @@ class Store(Protocol):
         received_at: int,
         *,
         record_changes: bool = True,
-        decode_here: bool = False,
+        keys: Sequence[bytes | None] | None = None,
     ) -> RawIngestResult:
         """:meth:`ingest` from raw messages: decoding is part of the backend's work (a
         backend may do it off the caller's process). A message that does not decode is
         reported as :class:`Rejected` and does not fail its batch.
 
-        ``decode_here``: the caller's process has a core to spare (a Kafka consumer, not
-        an HTTP server): a backend that decodes and folds in another process does it in
-        the caller's instead, and keeps the other for writing. Same result either way."""
+        ``keys``: each message's partition key where the caller has one (a Kafka record
+        key: the task id). A backend may spread its work by them; they never change the
+        result."""
         ...
+
+
+class ViewStore(Protocol):
+    """The materialized view, read."""
 
     async def get_task(self, task_id: str) -> StoredTask | None: ...
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage: ...
+
+    async def stats(self) -> StoreStats: ...
+
+
+class HistoryStore(Protocol):
+    """The append-only history, read."""
 
     async def task_history(self, task_id: str) -> list[HistoryEntry]: ...
 
@@ -452,6 +355,12 @@ class Store(Protocol):
         """Those tasks' events with ``seq <= upto_seq``, by task then seq."""
         ...
 
+    async def stats(self) -> StoreStats: ...
+
+
+class RebuildStore(Protocol):
+    """Replacing the view with one folded anew from the history."""
+
     async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
         """Keep rebuilt task states aside (not visible) until :meth:`swap_rebuilt`."""
         ...
@@ -463,18 +372,14 @@ class Store(Protocol):
 
     async def discard_rebuilt(self) -> None: ...
 
-    async def get_meta(self, key: str) -> str | None:
-        """A small persistent key-value note (replay checkpoints and the like)."""
-        ...
 
-    async def set_meta(self, key: str, value: str | None) -> None:
-        """Set or (``None``) delete a note."""
-        ...
+class OutboxStore(Protocol):
+    """Recorded changes, each handler's cursor, and the record of every delivery."""
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]: ...
 
     async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
-        """Outbox entries with a larger ``seq``, in order."""
+        """Outbox entries with a larger ``seq``, in commit order (see the contract)."""
         ...
 
     async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]: ...
@@ -511,17 +416,48 @@ class Store(Protocol):
         ``to``; returns how many moved. How dead letters are re-driven or dropped."""
         ...
 
+    async def stats(self) -> StoreStats: ...
+
+
+class LeaseStore(Protocol):
+    """Named leases, so that processes sharing a store agree on one holder."""
+
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
     ) -> str:
         """Take or renew the named lease for ``owner`` until ``now_ms + ttl_ms`` when it is
         free, expired, already ``owner``'s, or held by ``take_from`` (a holder known dead).
-        Returns the holder afterwards. Lets processes sharing a store agree on one
-        dispatcher."""
+        Returns the holder afterwards."""
         ...
 
     async def release_lease(self, name: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it (a graceful stop)."""
         ...
 
-    async def stats(self) -> StoreStats: ...
+
+class MetaStore(Protocol):
+    """Small persistent key-value notes: checkpoints of long jobs and the like."""
+
+    async def get_meta(self, key: str) -> str | None: ...
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        """Set or (``None``) delete a note."""
+        ...
+
+
+class Store(
+    IngestStore,
+    ViewStore,
+    HistoryStore,
+    RebuildStore,
+    OutboxStore,
+    LeaseStore,
+    MetaStore,
+    Protocol,
+):
+    """A whole backend: every role, plus its lifecycle. Composition roots (the service,
+    the CLI) hold one of these; everything else takes the role it uses."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,7 +1,7 @@
 """Resolve ``PHASEWATCH_HANDLERS`` references (``module:attribute``) to subscriptions, and
 load the built-in handlers the settings enable.
 
-An attribute may be a :class:`~consumer.subscription.Subscription` (what
+An attribute may be a :class:`~consumer.core.change.Subscription` (what
 ``@handlers.on(...)`` returns), a bare async callable (every phase change, the default
 delivery policy from settings), or a list/tuple of either. ``consumer`` never imports the
 ``handlers`` package statically: the built-ins are loaded here by reference, like user code.
@@ -14,8 +14,8 @@ import inspect
 from collections.abc import Sequence
 from typing import Any
 
+from consumer.dispatch.subscription import Subscription
 from consumer.settings import Settings
-from consumer.subscription import Subscription
 
 __all__ = ["HandlerLoadError", "load_subscriptions", "resolve"]
 

@@ -10,14 +10,14 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from consumer.codec import Event, decode
-from consumer.fold import TaskState
-from consumer.store import (
-    ChangeRecord,
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import Event, decode
+from consumer.core.fold import TaskState
+from consumer.core.plan import DedupKey, dedup_key, plan_batch
+from consumer.store.base import (
     Cursor,
     Delivery,
     DeliveryStatus,
-    EventKey,
     HistoryEntry,
     IngestResult,
     RawIngestResult,
@@ -25,9 +25,7 @@ from consumer.store import (
     StoreStats,
     TaskPage,
     TaskQuery,
-    event_key,
     ingest_decoded,
-    plan_batch,
 )
 
 __all__ = ["MemoryStore"]
@@ -36,7 +34,7 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     def __init__(self, *, record_updates: bool = False) -> None:
         self.record_updates = record_updates
-        self._events: dict[EventKey, HistoryEntry] = {}
+        self._events: dict[DedupKey, HistoryEntry] = {}
         self._by_task: dict[str, list[HistoryEntry]] = {}
         self._states: dict[str, TaskState] = {}
         self._versions: dict[str, int] = {}
@@ -54,6 +52,10 @@ class MemoryStore:
     async def close(self) -> None:
         return None
 
+    @property
+    def pipeline_depth(self) -> int:
+        return 1  # writes are done when the call returns
+
     async def ingest(
         self,
         events: Sequence[Event],
@@ -63,7 +65,7 @@ class MemoryStore:
         record_changes: bool = True,
     ) -> IngestResult:
         touched = {e.task_id for e in events if e.task_id is not None}
-        known = [k for k in map(event_key, events) if k in self._events]
+        known = [k for k in map(dedup_key, events) if k in self._events]
         plan = plan_batch(
             events,
             known,
@@ -84,7 +86,7 @@ class MemoryStore:
                 event.task_id,
                 event.raw,
             )
-            self._events[event_key(event)] = entry
+            self._events[dedup_key(event)] = entry
             if event.task_id is not None:
                 self._by_task.setdefault(event.task_id, []).append(entry)
         self._states.update(plan.states)
@@ -106,8 +108,9 @@ class MemoryStore:
         received_at: int,
         *,
         record_changes: bool = True,
-        decode_here: bool = False,  # this store decodes in the caller's process anyway
+        keys: Sequence[bytes | None] | None = None,  # one writer, on this loop: unused
     ) -> RawIngestResult:
+        del keys
         return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 
     async def get_task(self, task_id: str) -> StoredTask | None:

@@ -27,11 +27,14 @@ from typing import Any
 
 import orjson
 
-from consumer.codec import DecodeError, Event, decode
-from consumer.dispatch import call_with_retries, now_ms
-from consumer.fold import TaskState, apply, event_key
-from consumer.store import Delivery, DeliveryStatus, HistoryEntry, Store
-from consumer.subscription import PhaseChange, Subscription
+from consumer.core.change import ChangeRecord, PhaseChange
+from consumer.core.codec import DecodeError, Event, decode
+from consumer.core.fold import TaskState, order_key
+from consumer.core.plan import plan_batch
+from consumer.core.times import now_ms
+from consumer.dispatch.dispatcher import call_with_retries
+from consumer.dispatch.subscription import Subscription
+from consumer.store.base import Delivery, DeliveryStatus, HistoryEntry, Store
 
 __all__ = [
     "Interrupted",
@@ -80,10 +83,10 @@ def _fold_entries(entries: Sequence[HistoryEntry]) -> tuple[dict[str, list[Event
 
 
 def _fold_task(events: Sequence[Event]) -> TaskState | None:
-    state: TaskState | None = None
-    for event in events:
-        state = apply(state, event).state
-    return state
+    # The live path's fold (one batch of the task's whole history): no recorded changes.
+    if not events:
+        return None
+    return plan_batch(events, (), {}, record_changes=False).states.get(str(events[0].task_id))
 
 
 async def rebuild(
@@ -164,6 +167,19 @@ class ReplayChange:
     def key(self) -> tuple[Any, ...]:
         return (self.changed_at, self.task_id, self.event_id)
 
+    def record(self, seq: int) -> ChangeRecord:
+        """This change as the outbox would hold it under ``seq`` (0: never recorded)."""
+        return ChangeRecord(
+            seq,
+            self.task_id,
+            self.event_id,
+            self.previous_phase,
+            self.phase,
+            self.changed_at,
+            0,
+            self.task,
+        )
+
 
 async def replay_changes(
     store: Store,
@@ -185,20 +201,24 @@ async def replay_changes(
             break
         by_task, _ = _fold_entries(await store.history_of_tasks(ids, upto))
         for tid, events in by_task.items():
-            state: TaskState | None = None
-            for event in sorted(events, key=event_key):
-                applied = apply(state, event)
-                state = applied.state
-                moved = applied.transition
-                if moved is None or not since <= state.updated_at:
+            # The live path's fold over the history in fold order: the changes as if every
+            # snapshot had arrived in order.
+            ordered = sorted(events, key=order_key)
+            for moved in plan_batch(ordered, (), {}).changes:
+                if not since <= moved.changed_at:
                     continue
-                if until is not None and state.updated_at >= until:
+                if until is not None and moved.changed_at >= until:
                     continue
                 if phases and moved.phase not in phases:
                     continue
                 found.append(
                     ReplayChange(
-                        tid, event.id, moved.previous, moved.phase, state.updated_at, state.task
+                        tid,
+                        moved.event_id,
+                        moved.previous_phase,
+                        moved.phase,
+                        moved.changed_at,
+                        moved.task,
                     )
                 )
         if task_id is not None:
@@ -244,16 +264,7 @@ async def replay_handlers(
     for index in range(start, len(changes)):
         c = changes[index]
         seq = live_seqs.get((c.task_id, c.event_id, c.phase)) or _synthetic_seq(c)
-        change = PhaseChange.build(
-            seq=seq,
-            task_id=c.task_id,
-            event_id=c.event_id,
-            previous_phase=c.previous_phase,
-            phase=c.phase,
-            changed_at=c.changed_at,
-            task=c.task,
-            replay=True,
-        )
+        change = PhaseChange.from_record(c.record(seq), replay=True)
         for sub in subscriptions:
             if not sub.matches(change):
                 report.skipped += 1

@@ -14,7 +14,7 @@ own faults, when a retry may well succeed::
     503  the store could not commit; retry
 
 Every error body is JSON: ``{"error": <code>, "message": <what was wrong>}``.
-Every task leaving through the API has its credentials hidden (consumer.secrets).
+Every task leaving through the API has its credentials hidden (consumer.core.secrets).
 """
 
 from __future__ import annotations
@@ -30,21 +30,14 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from consumer.codec import HTTP_STATUS
-from consumer.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from consumer.metrics import render as render_metrics
-from consumer.secrets import redact, redact_text
-from consumer.signature import SignatureError, verify
-from consumer.store import (
-    ChangeRecord,
-    Cursor,
-    Delivery,
-    DeliveryStatus,
-    Rejected,
-    Store,
-    TaskQuery,
-)
-from consumer.times import parse_time
+from consumer.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from consumer.api.metrics import render as render_metrics
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import HTTP_STATUS
+from consumer.core.secrets import redact, redact_text
+from consumer.core.signature import SignatureError, verify
+from consumer.core.times import parse_time
+from consumer.store.base import Cursor, Delivery, DeliveryStatus, Rejected, Store, TaskQuery
 
 __all__ = ["EventSink", "HttpConfig", "StatusFn", "build_app"]
 

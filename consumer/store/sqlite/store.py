@@ -27,15 +27,14 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from consumer.codec import Event, EventFormat, decode
-from consumer.fold import TaskState
-from consumer.store import (
-    BatchPlan,
-    ChangeRecord,
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import Event, EventFormat, decode
+from consumer.core.fold import TaskState
+from consumer.core.plan import BatchPlan, DedupKey, decode_keys, dedup_key, encode_keys, plan_batch
+from consumer.store.base import (
     Cursor,
     Delivery,
     DeliveryStatus,
-    EventKey,
     HistoryEntry,
     IngestResult,
     RawIngestResult,
@@ -43,11 +42,7 @@ from consumer.store import (
     StoreStats,
     TaskPage,
     TaskQuery,
-    decode_keys,
-    encode_keys,
-    event_key,
     ingest_decoded,
-    plan_batch,
 )
 
 __all__ = [
@@ -206,6 +201,10 @@ class SQLiteStore:
         self._wcon: sqlite3.Connection | None = None
         self._rcon: sqlite3.Connection | None = None
 
+    @property
+    def pipeline_depth(self) -> int:
+        return 1  # writes run on this process's writer thread, one batch at a time
+
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
@@ -219,6 +218,11 @@ class SQLiteStore:
         self._wcon = self._rcon = None
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+
+    def writer_connection(self) -> sqlite3.Connection:
+        """A new writer connection (schema ensured), for a writer of this store's own in
+        another process (:mod:`consumer.store.sqlite.process`)."""
+        return self._connect(True)
 
     def _connect(self, writer: bool) -> sqlite3.Connection:
         if writer:
@@ -276,7 +280,7 @@ class SQLiteStore:
     ) -> IngestResult:
         batch = list(events)
         return await self._write(
-            lambda con: self._ingest_in_tx(con, batch, source, received_at, record_changes)
+            lambda con: self.ingest_in_tx(con, batch, source, received_at, record_changes)
         )
 
     async def ingest_raw(
@@ -286,11 +290,12 @@ class SQLiteStore:
         received_at: int,
         *,
         record_changes: bool = True,
-        decode_here: bool = False,  # this store decodes in the caller's process anyway
+        keys: Sequence[bytes | None] | None = None,  # one writer, on this loop: unused
     ) -> RawIngestResult:
+        del keys
         return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
 
-    def _ingest_in_tx(
+    def ingest_in_tx(
         self,
         con: sqlite3.Connection,
         events: list[Event],
@@ -307,7 +312,7 @@ class SQLiteStore:
         numbers = {task_id: c.no for task_id, c in current.items()}
         plan = plan_batch(
             events,
-            known_events(con, [event_key(e) for e in events], numbers),
+            known_events(con, [dedup_key(e) for e in events], numbers),
             states,
             record_updates=self.record_updates,
             record_changes=record_changes,
@@ -816,7 +821,7 @@ def write_rows(
 def read_for_planning(
     con: sqlite3.Connection, task_ids: Sequence[str], untasked: Sequence[str]
 ) -> tuple[dict[str, tuple[bytes | None, bytes | None, set[str]]], set[str]]:
-    """For a planner (:mod:`consumer.sqlite_planner`), in one read transaction: the view
+    """For a planner (:mod:`consumer.store.sqlite.planner`), in one read transaction: the view
     row and event ids of each of ``task_ids`` that has a history, and which of the
     ``untasked`` event ids are stored."""
     con.execute("BEGIN")
@@ -844,8 +849,8 @@ def read_for_planning(
 
 
 def known_events(
-    con: sqlite3.Connection, keys: Iterable[EventKey], numbers: Mapping[str, int]
-) -> list[EventKey]:
+    con: sqlite3.Connection, keys: Iterable[DedupKey], numbers: Mapping[str, int]
+) -> list[DedupKey]:
     """The keys among ``keys`` that the history already holds. A task not numbered yet
     has no history, so only known tasks' events are looked up, by (task no, event id)."""
     pairs: set[tuple[int, str]] = set()
@@ -856,7 +861,7 @@ def known_events(
         elif (no := numbers.get(task_id)) is not None:
             pairs.add((no, event_id))
     ids = {no: task_id for task_id, no in numbers.items()}
-    known: list[EventKey] = []
+    known: list[DedupKey] = []
     chunks = list(pairs)
     for start in range(0, len(chunks), _CHUNK // 2):
         chunk = chunks[start : start + _CHUNK // 2]

@@ -134,7 +134,7 @@ class TranscodeProfile(_Wire):
 
 
 class Encryption(_Wire):
-    encrypted_key: Opt[str] = None  # a credential: hidden by consumer.secrets
+    encrypted_key: Opt[str] = None  # a credential: hidden by consumer.core.secrets
 
 
 class PathRef(_Wire):
@@ -216,7 +216,7 @@ class UploadParams(_Wire):
 class CustomExport(_Wire):
     url: Opt[str] = None
     method: Opt[str] = None
-    headers: Opt[dict[str, Any]] = None  # may carry Authorization: hidden by consumer.secrets
+    headers: Opt[dict[str, Any]] = None  # may carry Authorization: hidden by consumer.core.secrets
 
 
 class Pinata(_Wire):

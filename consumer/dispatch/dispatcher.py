@@ -2,14 +2,14 @@
 with retries, backoff, dead letters and a record of every delivery.
 
 The outbox (the store's ``changes``, written in the same transaction as the state) is the
-source of truth. For each handler (a :class:`~consumer.subscription.Subscription`) a *lane*
+source of truth. For each handler (a :class:`~consumer.core.change.Subscription`) a *lane*
 reads the outbox past its cursor, drops what the handler's filters do not want, and
 queues the rest per task. One worker per task delivers that task's changes one at a time,
 in ``seq`` order; at most ``concurrency`` handler calls run at once per lane.
 
 Each (change, handler) ends in a delivery record written before the next change of that
 task is delivered: ``done`` when the handler returned normally, ``dead`` when it raised
-:class:`~consumer.subscription.PermanentError` or ran out of attempts or time. A change
+:class:`~consumer.core.change.PermanentError` or ran out of attempts or time. A change
 with a ``done`` or ``dead`` record is never delivered again, across restarts, so a
 handler that returned sees a change once; only a crash in the instant between a handler
 returning and its record committing can repeat one (at least once, never lost).
@@ -39,19 +39,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from consumer.secrets import redact_text
-from consumer.store import ChangeRecord, Delivery, DeliveryStatus, Store
-from consumer.subscription import PermanentError, PhaseChange, Subscription
+from consumer.core.change import ChangeRecord, PhaseChange
+from consumer.core.secrets import redact_text
+from consumer.core.times import now_ms
+from consumer.dispatch.subscription import PermanentError, Subscription
+from consumer.store.base import Delivery, DeliveryStatus, Store
 
 __all__ = ["Dispatcher", "LaneStats", "call_with_retries"]
 
 log = logging.getLogger(__name__)
 
 _READ_BATCH = 500
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(slots=True)
@@ -377,16 +375,7 @@ class Dispatcher:
         sub, record = lane.sub, item.record
         attempts = 0 if item.redrive else item.attempts
         first = (None if item.redrive else item.first_attempt_at) or now_ms()
-        change = PhaseChange.build(
-            seq=record.seq,
-            task_id=record.task_id,
-            event_id=record.event_id,
-            previous_phase=record.previous_phase,
-            phase=record.phase,
-            changed_at=record.changed_at,
-            task=record.task,
-            kind="update" if record.kind == "update" else "phase",
-        )
+        change = PhaseChange.from_record(record)
         if sub.where is not None and not _safe_where(sub, change):
             lane.stats.filtered += 1
             return

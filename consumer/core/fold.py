@@ -7,7 +7,8 @@ it makes the fold a join (a per-field maximum): applying the same events in any 
 with any duplicates, yields the same task. That is what lets webhooks arrive shuffled and
 Kafka redeliver after a crash without either changing the answer.
 
-A phase change is reported exactly when the materialized ``status.phase`` changes. Since
+Batches are planned with this rule in :mod:`consumer.core.plan`. A phase change is
+reported exactly when the materialized ``status.phase`` changes. Since
 ``status`` always travels whole (spec §4), an event older than the current status never
 changes the phase and fires nothing; it may only fill a top-level field that no newer
 snapshot carried (the ``scheduledAt`` quirk), which order independence requires.
@@ -18,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from consumer.codec import Event
+from consumer.core.codec import Event
 
-__all__ = ["Applied", "Key", "TaskState", "Transition", "apply", "event_key", "fold_into"]
+__all__ = ["Key", "TaskState", "fold_into", "order_key"]
 
 Key = tuple[int | float, int | float, str]
 """``(status.updatedAt, event createdAt, event id)``: total order of a task's snapshots."""
@@ -51,57 +52,12 @@ class TaskState:
         return self.keys["status"]
 
 
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """A change of the materialized phase. ``previous`` is None on first sight."""
-
-    previous: str | None
-    phase: str
-
-
-@dataclass(frozen=True, slots=True)
-class Applied:
-    """What applying one event did.
-
-    ``changed``: the materialized task is different (progress, output, a filled field...).
-    ``transition``: set when the phase changed, the thing handlers react to.
-    """
-
-    state: TaskState
-    changed: bool
-    transition: Transition | None
-
-
-def event_key(event: Event) -> Key:
+def order_key(event: Event) -> Key:
     """The order key of a task event's snapshot."""
     updated_at = event.updated_at
     if updated_at is None:
         raise ValueError(f"event {event.id!r} ({event.kind}) carries no task snapshot")
     return (updated_at, event.created_at, event.id)
-
-
-def apply(state: TaskState | None, event: Event) -> Applied:
-    """Fold one task event into ``state`` (None for a task not seen yet).
-
-    Returns a new state; ``state`` is never mutated, so a failed transaction can simply
-    drop what it computed.
-    """
-    snapshot = event.snapshot
-    if snapshot is None:
-        raise ValueError(f"event {event.id!r} ({event.kind}) carries no task snapshot")
-    key = event_key(event)
-    if state is None:
-        task = dict(snapshot)
-        keys = dict.fromkeys(snapshot, key)
-        first = Transition(None, str(snapshot["status"]["phase"]))
-        return Applied(TaskState(task, keys), True, first)
-    new_task, new_keys = dict(state.task), dict(state.keys)
-    took, changed = fold_into(new_task, new_keys, snapshot, key)
-    if not took:
-        return Applied(state, False, None)
-    previous, phase = state.phase, str(new_task["status"]["phase"])
-    transition = Transition(previous, phase) if phase != previous else None
-    return Applied(TaskState(new_task, new_keys), changed, transition)
 
 
 def fold_into(
@@ -113,8 +69,8 @@ def fold_into(
     Returns ``(took, changed)``: whether any field was taken (its key at least is new),
     and whether any value differs. Same value under a newer key is still a new key to
     remember (the join must keep the maximum), but not a change anyone needs to hear
-    about. For callers that own ``task`` and ``keys`` (:func:`apply` copies first; a
-    batch planner folds many events into one working copy)."""
+    about. In place because the batch planner (:mod:`consumer.core.plan`) folds many
+    events into one working copy per task."""
     took = changed = False
     for field, value in snapshot.items():
         held = keys.get(field)
