@@ -21,6 +21,7 @@ import aiohttp
 import orjson
 from pydantic import ValidationError
 
+from consumer import __version__
 from consumer.cli import replay as cli_replay
 from consumer.core.secrets import redact, redact_text
 from consumer.core.signature import sign
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configuration (environment variables):\n" + Settings.help_text(),
     )
+    parser.add_argument("--version", action="version", version=f"phasewatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser(
