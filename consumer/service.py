@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer.api.app import EventSink, HttpConfig, build_app
+from consumer.api.app import HttpConfig, build_app
 from consumer.core.secrets import redact_text
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
@@ -25,6 +25,7 @@ from consumer.settings import Settings
 from consumer.sources.group_commit import Ingestor
 from consumer.sources.kafka.group import KafkaSource
 from consumer.sources.kafka.producers import KafkaForwarder
+from consumer.sources.webhook import EventSink
 from consumer.store.base import Store
 from consumer.store.memory import MemoryStore
 from consumer.store.sqlite.process import SQLiteProcessStore

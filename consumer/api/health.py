@@ -1,0 +1,43 @@
+"""Probes and figures: ``/healthz`` (the process serves), ``/readyz`` (it can do its job:
+the store answers and Kafka consumption has not stopped) and ``/metrics``."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from consumer.api.context import STATUS_KEY
+from consumer.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from consumer.api.metrics import render as render_metrics
+from consumer.api.responses import error, json_response
+
+__all__ = ["healthz", "metrics", "readyz"]
+
+
+async def healthz(request: web.Request) -> web.Response:
+    del request
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        status = await request.app[STATUS_KEY]()
+    except Exception as exc:
+        return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    failed = status.get("kafka", {}).get("failed")
+    if failed:
+        return json_response(
+            {"status": "not_ready", "error": "kafka_stopped", "message": failed, **status},
+            status=503,
+        )
+    return json_response({"status": "ready", **status})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format of the readiness figures."""
+    try:
+        status = await request.app[STATUS_KEY]()
+    except Exception as exc:
+        return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    response = web.Response(body=render_metrics(status))
+    response.headers["Content-Type"] = METRICS_CONTENT_TYPE
+    return response

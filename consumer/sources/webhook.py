@@ -1,0 +1,101 @@
+"""The Livepeer webhook receiver: ``POST /webhooks/livepeer``, signed (spec §2).
+
+Status codes follow from Livepeer's retry policy: it retries 5xx and timeouts for about
+a day and never retries a 4xx. So a 2xx means the event is committed (or was already), a
+4xx means the input can never succeed, and a 5xx (503) is reserved for our own faults,
+when a retry may well succeed::
+
+    200  accepted, or a duplicate of an accepted event
+    400  not JSON, or not an event envelope
+    401  missing, malformed or wrong signature; stale signature timestamp
+    413  body above the size limit
+    422  an event whose task cannot be used (no id, no status.phase, ...)
+    503  the store could not commit; retry
+
+The signature covers the body bytes exactly as received. The body goes to an
+:class:`EventSink` (the store's group-commit ingestor, or a Kafka topic in forward mode),
+which decodes it where it is stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from aiohttp import web
+
+from consumer.api.responses import error, json_response
+from consumer.core.codec import HTTP_STATUS
+from consumer.core.signature import SignatureError, verify
+from consumer.core.times import now_ms
+from consumer.store.base import Rejected
+
+__all__ = ["WEBHOOK_PATH", "EventSink", "WebhookConfig", "webhook_handler"]
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/livepeer"
+
+RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    secret: bytes | None = None  # None: unsigned webhooks are accepted (warned at start)
+    tolerance_ms: int = 300_000
+    max_body_bytes: int = 1024 * 1024
+
+
+class EventSink(Protocol):
+    """Where a verified webhook body goes: the store (via the group-commit ingestor) or,
+    in forward mode, a Kafka topic. Returns a status word once the event is durable, or
+    what is wrong with the body (nothing of it is kept then)."""
+
+    async def submit(self, raw: bytes) -> str | Rejected: ...
+
+
+def webhook_handler(sink: EventSink, config: WebhookConfig) -> RequestHandler:
+    """The ``POST /webhooks/livepeer`` handler: verify, hand the body to ``sink``, answer."""
+
+    async def receive_webhook(request: web.Request) -> web.Response:
+        return await _receive(request, sink, config)
+
+    return receive_webhook
+
+
+async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig) -> web.Response:
+    length = request.content_length
+    if length is not None and length > config.max_body_bytes:
+        return _too_large(config)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return _too_large(config)
+    if config.secret is not None:
+        try:
+            verify(
+                request.headers.get("Livepeer-Signature"),
+                body,
+                config.secret,
+                now_ms=now_ms(),
+                tolerance_ms=config.tolerance_ms,
+            )
+        except SignatureError as exc:
+            return error(401, "bad_signature", str(exc))
+    try:
+        # Decoded where it is stored (by default in the writer process): a body that is
+        # not an event comes back rejected, with what is wrong.
+        outcome = await sink.submit(body)
+    except Exception:
+        # Our fault, not the sender's: 503 so Livepeer retries later.
+        log.exception("could not make a webhook body durable")
+        return error(503, "store_unavailable", "event not committed; retry later")
+    if isinstance(outcome, Rejected):
+        return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message)
+    return json_response({"status": str(outcome)})
+
+
+def _too_large(config: WebhookConfig) -> web.Response:
+    return error(413, "too_large", f"body exceeds the {config.max_body_bytes} byte limit")
