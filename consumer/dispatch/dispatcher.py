@@ -155,6 +155,7 @@ class Dispatcher:
         self._lease_ms = int((2 * longest + 10) * 1000)
         self._lease_renewed = 0.0
         self._leader = False
+        self._started = False  # on_start hooks were run: stop() runs the on_stop ones
         self._recorder = _Recorder(store)
         self._last_housekeeping = 0.0
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -168,6 +169,7 @@ class Dispatcher:
     async def start(self) -> None:
         if not self._lanes:
             return  # nothing to deliver to; leave the outbox to processes with handlers
+        self._started = True
         last = (await self._store.stats()).last_change_seq
         for lane in self._lanes:
             if await self._store.get_cursor(lane.sub.name) is None:
@@ -175,45 +177,58 @@ class Dispatcher:
                 # `phasewatch replay handlers` to back-fill on purpose). Set before any
                 # ingestion starts, so nothing committed after this is skipped.
                 await self._store.set_cursor(lane.sub.name, last)
-            if lane.sub.on_start is not None:
-                try:
-                    await lane.sub.on_start()
-                except Exception:
-                    # e.g. a broker down at start: the handler's calls fail and are retried
-                    # like any delivery; the service itself must still come up.
-                    log.exception("handler %s failed to start", lane.sub.name)
+            await _start_handler(lane.sub)
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="dispatch")
 
     async def stop(self) -> None:
         """Stop reading; let deliveries in flight finish for up to ``drain_s``; record
-        nothing for the ones cut off (they are delivered again after a restart)."""
+        nothing for the ones cut off (they are delivered again after a restart); then
+        stop every handler, on the leader and on a standby alike (both started them)."""
         self._stopping.set()
         self._wake.set()
+        await self._stop_loop()
+        await self._drain()
+        if self._leader:
+            await self._save_cursors()
+            await self._release_lease()
+        await self._stop_handlers()
+
+    async def _stop_loop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    async def _drain(self) -> None:
         workers = [w for lane in self._lanes for w in lane.workers.values()]
-        if workers:
-            _, pending = await asyncio.wait(workers, timeout=self._drain_s)
-            for worker in pending:
-                worker.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        if not workers:
+            return
+        _, pending = await asyncio.wait(workers, timeout=self._drain_s)
+        for worker in pending:
+            worker.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _save_cursors(self) -> None:
+        # Leader only: a standby's lanes never read the outbox, and saving their cursor
+        # would move the leader's back to where the standby started.
         for lane in self._lanes:
             with contextlib.suppress(Exception):
                 await self._save_cursor(lane)
-        if self._leader:
-            # A successor (a rolling restart) need not wait for the lease to expire.
-            with contextlib.suppress(Exception):
-                await self._store.release_lease("dispatch", self._owner)
-            self._leader = False
-            if lane.sub.on_stop is not None:
-                try:
-                    await lane.sub.on_stop()
-                except Exception:
-                    log.exception("handler %s failed to stop cleanly", lane.sub.name)
+
+    async def _release_lease(self) -> None:
+        # A successor (a rolling restart) need not wait for the lease to expire.
+        with contextlib.suppress(Exception):
+            await self._store.release_lease("dispatch", self._owner)
+        self._leader = False
+
+    async def _stop_handlers(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        for lane in self._lanes:
+            await _stop_handler(lane.sub)
 
     def notify(self, changes: Sequence[ChangeRecord]) -> None:
         """Called after a commit that recorded changes: a wake-up, the outbox has them."""
@@ -475,6 +490,27 @@ def _backoff(sub: Subscription, attempts: int) -> float:
 
 def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:
     return replace(change, attempt=attempt)
+
+
+async def _start_handler(sub: Subscription) -> None:
+    if sub.on_start is None:
+        return
+    try:
+        await sub.on_start()
+    except Exception:
+        # e.g. a broker down at start: the handler's calls fail and are retried like any
+        # delivery; the service itself must still come up.
+        log.exception("handler %s failed to start", sub.name)
+
+
+async def _stop_handler(sub: Subscription) -> None:
+    if sub.on_stop is None:
+        return
+    try:
+        await sub.on_stop()
+    except Exception:
+        # One handler failing to close must not keep the others' resources open.
+        log.exception("handler %s failed to stop cleanly", sub.name)
 
 
 def _safe_where(sub: Subscription, change: PhaseChange) -> bool:
