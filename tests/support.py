@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import orjson
 
@@ -14,6 +18,55 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHASEWATCH_SHARED_DIR", REPO.parent / "shared"))
 FIXTURES = SHARED / "fixtures"
 FIXTURE_SECRET = b"whsec_fixture"
+
+T = TypeVar("T")
+
+
+def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
+    shown = repr(last)
+    if len(shown) > 800:
+        shown = shown[:800] + "..."
+    return AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {shown})")
+
+
+@overload
+async def wait_until(
+    predicate: Callable[[], Awaitable[T]], what: str, *, timeout: float = ..., interval: float = ...
+) -> T: ...
+@overload
+async def wait_until(
+    predicate: Callable[[], T], what: str, *, timeout: float = ..., interval: float = ...
+) -> T: ...
+async def wait_until(
+    predicate: Callable[[], Any], what: str, *, timeout: float = 30, interval: float = 0.02
+) -> Any:
+    """Poll ``predicate`` (plain or async) until it returns something truthy, and return
+    that. When ``timeout`` passes first, fail with an AssertionError naming ``what`` was
+    waited for and the last value seen: a wait never falls through silently."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, value)
+        await asyncio.sleep(interval)
+
+
+def wait_until_sync(
+    predicate: Callable[[], T], what: str, *, timeout: float = 30, interval: float = 0.05
+) -> T:
+    """:func:`wait_until` for code that runs outside an event loop (blocking sleeps)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise _timed_out(what, timeout, value)
+        time.sleep(interval)
 
 
 @dataclass(frozen=True)

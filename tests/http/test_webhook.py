@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -25,6 +24,7 @@ from tests.support import (
     expected_changes,
     expected_tasks,
     snapshot,
+    wait_until,
     webhook_body,
 )
 
@@ -39,13 +39,6 @@ def signed(body: bytes, secret: bytes = FIXTURE_SECRET, t: int | None = None) ->
     return {
         "Livepeer-Signature": sign(secret, body, t if t is not None else int(time.time() * 1000))
     }
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("fixture", ["small", "messy"])
@@ -82,11 +75,17 @@ async def test_small_in_order_handlers_see_expected_changes(make_client: MakeCli
         assert await post(client, d) == 200
     expected = expected_changes("small")
     total = sum(len(v) for v in expected.values())
-    await wait_until(lambda: sum(len(v) for v in seen.values()) >= total)
-    await asyncio.sleep(0.05)  # nothing more may arrive
+    await wait_until(lambda: sum(len(v) for v in seen.values()) >= total, "every change")
+
+    async def settled() -> bool:
+        # Nothing more can arrive once the handler's cursor covers the whole outbox.
+        last = (await service.store.stats()).last_change_seq
+        cursor = service.dispatcher.status()["handlers"]["record"]["cursor"]
+        return bool(cursor == last and service.dispatcher.pending(last) == 0)
+
+    await wait_until(settled, "the handler to resolve the whole outbox")
     assert seen == expected
     assert (await (await client.get("/readyz")).json())["pendingChanges"] == 0
-    del service
 
 
 async def test_duplicate_is_acknowledged_again(make_client: MakeClient) -> None:
@@ -269,6 +268,13 @@ async def test_failing_and_slow_handlers_never_affect_ingestion(make_client: Mak
     async def slow(change: PhaseChange) -> None:
         await asyncio.sleep(3600)
 
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def holding(change: PhaseChange) -> None:
+        held.set()
+        await release.wait()
+
     async def ok(change: PhaseChange) -> None:
         calls.append(change.task_id)
 
@@ -277,20 +283,29 @@ async def test_failing_and_slow_handlers_never_affect_ingestion(make_client: Mak
             Subscription(name="boom", fn=boom, max_attempts=1),
             Subscription(name="slow", fn=slow, max_attempts=1, timeout_s=0.2),
             Subscription(name="ok", fn=ok),
+            Subscription(name="holding", fn=holding, max_attempts=1, timeout_s=3600),
         ],
     )
-    started = time.monotonic()
-    for i in range(3):
+
+    async def send(i: int) -> int:
         body = webhook_body(f"h{i}", snapshot(f"T{i}", "pending", 1))
-        assert (await client.post(PATH, data=body, headers=signed(body))).status == 200
-    assert time.monotonic() - started < 2  # acknowledged without waiting for handlers
-    await wait_until(lambda: len(calls) == 3)
+        return (await client.post(PATH, data=body, headers=signed(body))).status
+
+    assert await asyncio.wait_for(send(0), 30) == 200
+    await wait_until(held.is_set, "the holding handler to get the first change")
+    # Acknowledged while a handler still holds a change: the receiver never waits for one
+    # (if it did, these posts would hang until the guard below fails).
+    statuses = await asyncio.wait_for(asyncio.gather(send(1), send(2)), 30)
+    assert statuses == [200, 200]
+    assert not release.is_set()
+    await wait_until(lambda: len(calls) == 3, "the ok handler's three calls")
     assert calls == ["T0", "T1", "T2"]
 
     def dead(name: str) -> int:
         return int(service.dispatcher.status()["handlers"][name]["dead"])
 
-    await wait_until(lambda: dead("boom") == 3 and dead("slow") == 3)
+    await wait_until(lambda: dead("boom") == 3 and dead("slow") == 3, "three dead letters each")
+    release.set()
 
 
 async def test_handlers_receive_no_credentials(make_client: MakeClient) -> None:
@@ -311,7 +326,7 @@ async def test_handlers_receive_no_credentials(make_client: MakeClient) -> None:
     )
     body = webhook_body("s1", snap)
     assert (await client.post(PATH, data=body, headers=signed(body))).status == 200
-    await wait_until(lambda: len(got) == 1)
+    await wait_until(lambda: len(got) == 1, "the change to reach the handler")
     dumped = orjson.dumps(got[0].task.wire()).decode()
     assert "SK@" not in dumped and "SECRETKEY" not in dumped and MARKER in dumped
 
