@@ -6,13 +6,17 @@ import asyncio
 import inspect
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import orjson
+
+from consumer.store.base import Delivery as StoredDelivery
+from consumer.store.base import DeliveryStatus
+from consumer.store.sqlite.store import SQLiteStore
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PHASEWATCH_SHARED_DIR", REPO.parent / "shared"))
@@ -140,3 +144,26 @@ def snapshot(task_id: str, phase: str, updated_at: int, **fields: Any) -> dict[s
     status = {"phase": phase, "updatedAt": updated_at}
     status.update(fields.pop("status_extra", {}))
     return {"id": task_id, "type": "upload", "createdAt": 1, **fields, "status": status}
+
+
+class WatchedSQLiteStore(SQLiteStore):
+    """A SQLiteStore that counts the dispatcher's housekeeping passes: every pass asks,
+    once per handler, for the deliveries an operator moved to 're-drive', then fills that
+    handler's queue. A test waits for passes to see that something did *not* happen."""
+
+    redrive_reads = 0
+
+    async def list_deliveries(
+        self, statuses: Sequence[DeliveryStatus], handler: str | None = None, limit: int = 100
+    ) -> list[StoredDelivery]:
+        if list(statuses) == [DeliveryStatus.REDRIVE]:
+            self.redrive_reads += 1
+        return await super().list_deliveries(statuses, handler, limit)
+
+    async def dispatcher_passes(self, passes: int = 2, *, handlers: int = 1) -> None:
+        """Return once the dispatcher has made ``passes`` complete passes from now on."""
+        # A pass may be under way: one more pass's reads make sure that many are whole.
+        target = self.redrive_reads + (passes + 1) * handlers
+        await wait_until(
+            lambda: self.redrive_reads >= target, f"{passes} more dispatcher passes", timeout=30
+        )
