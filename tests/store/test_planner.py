@@ -126,7 +126,7 @@ def test_the_writer_refuses_a_plan_whose_assumptions_fail(tmp_path: Path) -> Non
     assert attempt(fresh, lambda p: Planned(p.rows, p.assumed, [("T", "e2")])) is None
 
     def stored_as_new(p: Planned) -> Planned:
-        events = [("e1", *row[1:]) for row in p.rows.events]
+        events = [row._replace(event_id="e1") for row in p.rows.events]
         return Planned(Rows(events, p.rows.tasks, p.rows.changes), p.assumed, p.known)
 
     assert attempt(fresh, stored_as_new) is None

@@ -9,6 +9,7 @@ changes, in the same order, as folding the events one by one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from hypothesis import given, settings
@@ -46,7 +47,7 @@ def split(draw: st.DrawFn, events: list[Event]) -> list[list[Event]]:
     """``events`` cut at random places into consecutive batches (some of one event)."""
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(events) - 1)), max_size=len(events))))
     bounds = [0, *[c for c in cuts if c < len(events)], len(events)]
-    return [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    return [events[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @settings(max_examples=300)

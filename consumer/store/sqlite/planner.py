@@ -172,9 +172,9 @@ class Planner:
                 if owner not in assumed:
                     assumed[owner] = (entry.doc, entry.keys)
                 entry.events.add(e.id)
-        for task_id, _type, _phase, _updated_at, doc, keys, _bumped in rows.tasks:
-            entry = cache[task_id]
-            entry.state, entry.doc, entry.keys = plan.states[task_id], doc, keys
+        for row in rows.tasks:
+            entry = cache[row.task_id]
+            entry.state, entry.doc, entry.keys = plan.states[row.task_id], row.doc, row.keys
         self._batch += 1
         for task_id in task_ids:
             cache[task_id].batch = self._batch
@@ -218,7 +218,7 @@ def write_planned(
 ) -> int | None:
     """In the writer's transaction: write ``planned`` if what it assumed holds, and return
     the outbox seq its changes follow; None (nothing written) if it does not."""
-    checked = [(row[1], row[0]) for row in planned.rows.events]
+    checked: list[DedupKey] = [(row.task_id, row.event_id) for row in planned.rows.events]
     checked.extend(planned.known)
     current = read_current(con, {t for t, _ in checked if t is not None})
     for task_id, view_row in planned.assumed.items():

@@ -46,7 +46,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event
@@ -60,7 +60,7 @@ from consumer.store.base import (
     with_rejections,
 )
 from consumer.store.sqlite.collector import tune_for_batches
-from consumer.store.sqlite.planner import Loaded, Planner, write_planned
+from consumer.store.sqlite.planner import Loaded, Planned, Planner, write_planned
 from consumer.store.sqlite.store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
 
 __all__ = ["SQLiteProcessStore"]
@@ -143,9 +143,30 @@ def _child(sock: socket.socket, path: str, synchronous: Synchronous, record_upda
 _MAX_COALESCED = 16
 
 
-def _commit(
-    store: SQLiteStore, con: sqlite3.Connection, requests: list[Any]
-) -> list[tuple[Any, ...]]:
+class _Request(NamedTuple):
+    """A batch for the writer; ``planned``: the rows planned in the parent, if any."""
+
+    raws: list[bytes]
+    source: str
+    received_at: int
+    record_changes: bool
+    planned: Planned | None
+
+
+class _Reply(NamedTuple):
+    """The writer's answer to one :class:`_Request`.
+
+    ``status``: "ok" (folded here: ``outcomes`` and ``changes`` say what happened),
+    "planned" (the plan was written: its changes' seqs follow ``base``) or "error"."""
+
+    status: str
+    outcomes: Sequence[str | tuple[str, str]] = ()  # an Outcome's value, or a Rejected's
+    changes: Sequence[ChangeRecord] = ()
+    base: int = 0
+    error: str | None = None
+
+
+def _commit(store: SQLiteStore, con: sqlite3.Connection, requests: list[_Request]) -> list[_Reply]:
     """Run the requests in one transaction and answer each; if that fails, run them one
     by one so that a request the store cannot take does not fail its neighbours."""
     if not requests:
@@ -162,38 +183,25 @@ def _commit(
         if len(requests) > 1:
             return [reply for request in requests for reply in _commit(store, con, [request])]
         # Reported to the parent, which raises it to the caller.
-        return [("error", f"{type(exc).__name__}: {exc}", None)]
+        return [_Reply("error", error=f"{type(exc).__name__}: {exc}")]
     return replies
 
 
-def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: Any) -> tuple[Any, ...]:
-    raws, source, received_at, record_changes, planned = request
-    if planned is not None:
-        base = write_planned(con, planned, source, received_at)
+def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: _Request) -> _Reply:
+    if request.planned is not None:
+        base = write_planned(con, request.planned, request.source, request.received_at)
         if base is not None:
-            return ("planned", base, None)
+            return _Reply("planned", base=base)
         # What the plan assumed no longer holds: fold the batch here, as without one.
-    events, rejected = decode_all(raws)
-    result = store.ingest_in_tx(con, events, source, received_at, record_changes)
-    outcomes = with_rejections(result, rejected, len(raws)).outcomes
-    return (
+    events, rejected = decode_all(request.raws)
+    result = store.ingest_in_tx(
+        con, events, request.source, request.received_at, request.record_changes
+    )
+    outcomes = with_rejections(result, rejected, len(request.raws)).outcomes
+    return _Reply(
         "ok",
         [o.value if isinstance(o, Outcome) else (o.reason, o.message) for o in outcomes],
-        [_change_tuple(c) for c in result.changes],
-    )
-
-
-def _change_tuple(c: ChangeRecord) -> tuple[Any, ...]:
-    return (
-        c.seq,
-        c.task_id,
-        c.event_id,
-        c.previous_phase,
-        c.phase,
-        c.changed_at,
-        c.recorded_at,
-        c.task,
-        c.kind,
+        result.changes,
     )
 
 
@@ -377,10 +385,10 @@ class SQLiteProcessStore(SQLiteStore):
         link = self._link
         if link is None:
             raise RuntimeError("SQLiteProcessStore is not open")
-        _, outcomes, changes = await self._call(
-            link, (list(raws), source, received_at, record_changes, None)
+        reply = await self._call(
+            link, _Request(list(raws), source, received_at, record_changes, None)
         )
-        return _result(outcomes, changes)
+        return _result(reply)
 
     async def _ingest_here(
         self, raws: Sequence[bytes], source: str, received_at: int, record_changes: bool
@@ -394,45 +402,45 @@ class SQLiteProcessStore(SQLiteStore):
         async with self._planning:
             # Plans go to the writer in the order they are made: each builds on the last.
             plan = await self._planner.plan(raws, record_changes)
-            reply = self._send(
-                link, (list(raws), source, received_at, record_changes, plan.planned)
+            waiter = self._send(
+                link, _Request(list(raws), source, received_at, record_changes, plan.planned)
             )
         try:
-            status, outcomes, changes = await self._answer(link, reply)
+            reply = await self._answer(link, waiter)
         except BaseException:
             self._planner.settle(plan, used=False)
             raise
-        self._planner.settle(plan, used=status == "planned")
-        if status != "planned":
-            return _result(outcomes, changes)  # stale: the writer folded it itself
-        base: int = outcomes
+        self._planner.settle(plan, used=reply.status == "planned")
+        if reply.status != "planned":
+            return _result(reply)  # stale: the writer folded it itself
+        start = reply.base + 1
         return RawIngestResult(
             plan.outcomes,
-            [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, start=base + 1)],
+            [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, start=start)],
         )
 
-    async def _call(self, link: _Link, request: tuple[Any, ...]) -> tuple[Any, ...]:
+    async def _call(self, link: _Link, request: _Request) -> _Reply:
         return await self._answer(link, self._send(link, request))
 
-    def _send(self, link: _Link, request: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def _send(self, link: _Link, request: _Request) -> asyncio.Future[Any]:
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         link.pending.append(reply)
         # One write() per frame: frames of concurrent callers never interleave.
         link.writer.write(_frame(pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)))
         return reply
 
-    async def _answer(self, link: _Link, reply: asyncio.Future[Any]) -> tuple[Any, ...]:
+    async def _answer(self, link: _Link, reply: asyncio.Future[Any]) -> _Reply:
         try:
             await link.writer.drain()
-            answer: tuple[Any, ...] = await reply
+            answer: _Reply = await reply
         except (OSError, _WriterDied):
             # The writer died (killed, out of memory). Start another; this batch fails
             # (503: the sender retries, and a batch it did commit comes back a duplicate).
             reply.cancel()
             await self._restart(link)
             raise RuntimeError("SQLite writer process died; a new one was started") from None
-        if answer[0] == "error":
-            raise RuntimeError(f"SQLite writer process failed: {answer[1]}")
+        if answer.status == "error":
+            raise RuntimeError(f"SQLite writer process failed: {answer.error}")
         return answer
 
     async def _load_for_planning(self, task_ids: list[str], untasked: list[str]) -> Loaded:
@@ -450,10 +458,10 @@ class SQLiteProcessStore(SQLiteStore):
                 self._link = await self._spawn()
 
 
-def _result(outcomes: list[Any], changes: list[Any]) -> RawIngestResult:
+def _result(reply: _Reply) -> RawIngestResult:
     return RawIngestResult(
-        [Outcome(o) if isinstance(o, str) else Rejected(*o) for o in outcomes],
-        [ChangeRecord(*c) for c in changes],
+        [Outcome(o) if isinstance(o, str) else Rejected(*o) for o in reply.outcomes],
+        list(reply.changes),
     )
 
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -692,35 +692,65 @@ def read_current(con: sqlite3.Connection, task_ids: Iterable[str]) -> dict[str, 
     }
 
 
+class EventRow(NamedTuple):
+    """A new history row, before it is given its task number."""
+
+    event_id: str
+    task_id: str | None
+    kind: str
+    format: str
+    created_at: int | float
+    updated_at: int | float | None
+    raw: bytes
+
+
+class TaskRow(NamedTuple):
+    """A view row to write. ``bumped``: the materialized task changed (version + 1)."""
+
+    task_id: str
+    type: str | None
+    phase: str
+    updated_at: int | float
+    doc: bytes
+    keys: bytes
+    bumped: bool
+
+
+class ChangeRow(NamedTuple):
+    """An outbox row; its seq follows the store's last one, in order."""
+
+    task_id: str
+    event_id: str
+    previous_phase: str | None
+    phase: str
+    changed_at: int | float
+    task: bytes  # the materialized task right after the change, as JSON
+    kind: str
+
+
 @dataclass(slots=True)
 class Rows:
-    """A planned batch as the rows it writes: plain tuples, so that a batch planned in one
-    process can be written by another.
+    """A planned batch as the rows it writes: named tuples of plain values, so that a
+    batch planned in one process can be written by another."""
 
-    * ``events``: ``(event_id, task_id, kind, format, created_at, updated_at, raw)``;
-    * ``tasks``: ``(task_id, type, phase, updated_at, doc, keys, version bumped)``;
-    * ``changes``: ``(task_id, event_id, previous_phase, phase, changed_at, task, kind)``,
-      the task as JSON; their outbox seqs follow the store's last one, in order.
-    """
-
-    events: list[tuple[Any, ...]]
-    tasks: list[tuple[Any, ...]]
-    changes: list[tuple[Any, ...]]
+    events: list[EventRow]
+    tasks: list[TaskRow]
+    changes: list[ChangeRow]
 
 
 def plan_rows(plan: BatchPlan) -> Rows:
     """The rows that write ``plan``. Pure."""
     return Rows(
         [
-            (e.id, e.task_id, e.kind, e.format.value, e.created_at, e.updated_at, e.raw)
+            EventRow(e.id, e.task_id, e.kind, e.format.value, e.created_at, e.updated_at, e.raw)
             for e in plan.new_events
         ],
         [
-            (*_task_row(task_id, s), task_id in plan.versions_bumped)
+            TaskRow(*_task_row(task_id, s), task_id in plan.versions_bumped)
             for task_id, s in plan.states.items()
         ],
         [
-            (
+            ChangeRow(
                 c.task_id,
                 c.event_id,
                 c.previous_phase,
@@ -745,7 +775,7 @@ def write_rows(
     the numbered tasks among those the rows touch. Returns the outbox seq the batch's
     changes follow (the first is that plus one)."""
     numbers = {task_id: c.no for task_id, c in current.items()}
-    new_tasks = [row[0] for row in rows.tasks if row[0] not in numbers]
+    new_tasks = [row.task_id for row in rows.tasks if row.task_id not in numbers]
     if new_tasks:
         # We hold the write lock: the next numbers are ours to hand out.
         (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
@@ -891,7 +921,9 @@ def _select_in(con: sqlite3.Connection, sql: str, values: Sequence[str | int]) -
     return rows
 
 
-def _task_row(task_id: str, state: TaskState) -> tuple[Any, ...]:
+def _task_row(
+    task_id: str, state: TaskState
+) -> tuple[str, str | None, str, int | float, bytes, bytes]:
     return (
         task_id,
         _text_or_none(state.task.get("type")),
