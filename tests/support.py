@@ -35,17 +35,21 @@ def _timed_out(what: str, timeout: float, last: object) -> AssertionError:
 
 @overload
 async def wait_until(
-    predicate: Callable[[], Awaitable[T]], what: str, *, timeout: float = ..., interval: float = ...
+    predicate: Callable[[], Awaitable[T | None]],
+    what: str,
+    *,
+    timeout: float = ...,
+    interval: float = ...,
 ) -> T: ...
 @overload
 async def wait_until(
-    predicate: Callable[[], T], what: str, *, timeout: float = ..., interval: float = ...
+    predicate: Callable[[], T | None], what: str, *, timeout: float = ..., interval: float = ...
 ) -> T: ...
 async def wait_until(
     predicate: Callable[[], Any], what: str, *, timeout: float = 30, interval: float = 0.02
 ) -> Any:
     """Poll ``predicate`` (plain or async) until it returns something truthy, and return
-    that. When ``timeout`` passes first, fail with an AssertionError naming ``what`` was
+    that (never None). When ``timeout`` passes first, fail with an AssertionError naming ``what`` was
     waited for and the last value seen: a wait never falls through silently."""
     deadline = time.monotonic() + timeout
     while True:
@@ -60,7 +64,7 @@ async def wait_until(
 
 
 def wait_until_sync(
-    predicate: Callable[[], T], what: str, *, timeout: float = 30, interval: float = 0.05
+    predicate: Callable[[], T | None], what: str, *, timeout: float = 30, interval: float = 0.05
 ) -> T:
     """:func:`wait_until` for code that runs outside an event loop (blocking sleeps)."""
     deadline = time.monotonic() + timeout

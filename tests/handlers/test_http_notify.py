@@ -228,13 +228,12 @@ async def test_timeout_is_retryable(receiver: Receiver) -> None:
     sub = await _started(http_notify(receiver.url(), SECRET, timeout_s=0.2))
     # The dispatcher's per-call limit leaves room for ours to fire first, with its message.
     assert sub.timeout_s > 0.2
-    started = time.monotonic()
     try:
+        # Our own limit fires (its message names it), not the dispatcher's per-call one.
         with pytest.raises(NotifyError, match=r"no response within 0\.2 s"):
             await sub.fn(make_change())
     finally:
         await _stop(sub)
-    assert time.monotonic() - started < 5
     assert len(receiver.received) == 1
 
 

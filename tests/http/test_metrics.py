@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.core.change import PhaseChange
 from consumer.dispatch.subscription import Subscription
 from tests.http.conftest import PATH, MakeClient
-from tests.support import deliveries
+from tests.support import deliveries, wait_until
 
 
 async def test_metrics_expose_counts_and_handler_figures(make_client: MakeClient) -> None:
@@ -22,20 +20,24 @@ async def test_metrics_expose_counts_and_handler_figures(make_client: MakeClient
         response = await client.post(PATH, data=d.body, headers={"Livepeer-Signature": d.signature})
         assert response.status == 200
     assert (await client.get("/metrics")).status == 401  # figures are behind the token too
-    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for _ in range(100):
+    Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+    async def scrape() -> Samples:
         response = await client.get("/metrics", headers={"Authorization": "Bearer t"})
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         text = await response.text()
-        samples = {
+        return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
-        if samples[("phasewatch_pending_changes", ())] == 0:
-            break
-        await asyncio.sleep(0.05)
+
+    async def drained() -> Samples | None:
+        samples = await scrape()
+        return samples if samples[("phasewatch_pending_changes", ())] == 0 else None
+
+    samples = await wait_until(drained, "phasewatch_pending_changes to reach 0")
     distinct = len({d.doc["id"] for d in stream})
     assert samples[("phasewatch_events", ())] == distinct
     assert samples[("phasewatch_webhook_events_accepted_total", ())] == distinct

@@ -3,11 +3,8 @@ retries, a dead letter, and its re-drive over the API."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 import pytest
@@ -15,7 +12,7 @@ import pytest
 from handlers import verify_notification
 from tests.handlers.conftest import Answer, Receiver
 from tests.http.conftest import PATH, MakeClient
-from tests.support import snapshot, webhook_body
+from tests.support import snapshot, wait_until, webhook_body
 
 SECRET = "whsec_" + base64.b64encode(b"receiver-shared-secret").decode()
 
@@ -27,13 +24,6 @@ async def notified() -> AsyncIterator[Receiver]:
     await server.start()
     yield server
     await server.stop()
-
-
-async def wait_until(predicate: Any, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 async def test_notifications_retry_dead_letter_and_redrive(
@@ -59,7 +49,7 @@ async def test_notifications_retry_dead_letter_and_redrive(
     async def a_delivered() -> bool:
         return len(receiver.received) == 3
 
-    await wait_until(a_delivered)
+    await wait_until(a_delivered, "two 503s then a 200 for A")
     body = webhook_body("b1", snapshot("B", "failed", 3, params=creds))
     assert (await client.post(PATH, data=body)).status == 200
 
@@ -67,7 +57,7 @@ async def test_notifications_retry_dead_letter_and_redrive(
         listed = await (await client.get("/dead-letters", headers=auth)).json()
         return len(listed["deadLetters"]) == 1
 
-    await wait_until(dead_listed)
+    await wait_until(dead_listed, "B's dead letter listed")
     listed = (await (await client.get("/dead-letters", headers=auth)).json())["deadLetters"]
     assert listed[0]["taskId"] == "B" and listed[0]["attempts"] == 1
     assert "HTTP 400" in listed[0]["error"] or "400" in listed[0]["error"]
@@ -92,7 +82,7 @@ async def test_notifications_retry_dead_letter_and_redrive(
     async def redelivered() -> bool:
         return len(receiver.received) == 5
 
-    await wait_until(redelivered)
+    await wait_until(redelivered, "the re-driven notification")
     assert orjson.loads(receiver.received[4].body)["taskId"] == "B"
     assert (await (await client.get("/dead-letters", headers=auth)).json())["deadLetters"] == []
     status = service.dispatcher.status()["handlers"]["http-notify"]
