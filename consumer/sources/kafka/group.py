@@ -38,6 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from consumer.core.backoff import Backoff, Retries
 from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
 from consumer.sources.group_commit import ChangeSink
@@ -52,6 +53,10 @@ from consumer.store.base import IngestStore, RawIngestResult, Rejected
 __all__ = ["KafkaSource", "KafkaStats"]
 
 log = logging.getLogger(__name__)
+
+# Waits for the store, the brokers or the DLQ: short at first (a blip), capped low so that
+# a partition resumes within seconds of the fault clearing.
+STORE_BACKOFF = Backoff(0.1, 5.0)
 
 _tp_name = partition_name
 
@@ -105,13 +110,13 @@ class KafkaSource:
         options: SourceOptions,
         *,
         on_changes: ChangeSink | None = None,
-        retry_backoff_s: float = 0.5,
+        backoff: Backoff = STORE_BACKOFF,
     ) -> None:
         self._store = store
         self._connection = connection
         self._options = options
         self._on_changes = on_changes
-        self._backoff = retry_backoff_s
+        self._backoff = backoff
         self._topics = list(options.topics)
         self._consumer: AIOKafkaConsumer | None = None
         self._dlq: AIOKafkaProducer | None = None
@@ -183,13 +188,15 @@ class KafkaSource:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
+        fetches = Retries(self._backoff)
         while not self._stopping.is_set():
             try:
                 data = await consumer.getmany(timeout_ms=500, max_records=self._options.max_batch)
             except KafkaError as exc:
                 log.warning("fetch failed (%s); retrying", exc)
-                await asyncio.sleep(self._backoff)
+                await asyncio.sleep(fetches.failed())
                 continue
+            fetches.succeeded()
             if not data:
                 continue
             records = [record for batch in data.values() for record in batch]
@@ -246,6 +253,7 @@ class KafkaSource:
         previous: asyncio.Task[bool] | None,
     ) -> bool:
         result = None
+        retries = Retries(self._backoff)
         while result is None:
             try:
                 result = await self._ingest(records)
@@ -254,7 +262,7 @@ class KafkaSource:
                     return False  # offsets not committed: the next owner gets it again
                 self.stats.store_retries += 1
                 log.exception("store could not commit a batch of %d; retrying", len(records))
-                await asyncio.sleep(self._backoff)
+                await asyncio.sleep(retries.failed())
         # Offsets are committed in batch order: never past a batch that is not stored.
         if previous is not None and not await previous:
             return False
@@ -303,6 +311,7 @@ class KafkaSource:
         if not poison:
             return
         assert self._dlq is not None
+        retries = Retries(self._backoff)
         while True:
             try:
                 sends = [
@@ -324,7 +333,7 @@ class KafkaSource:
                 break
             except KafkaError as produce_error:
                 log.warning("dead-letter produce failed (%s); retrying", produce_error)
-                await asyncio.sleep(self._backoff)
+                await asyncio.sleep(retries.failed())
         self.stats.poison += len(poison)
         for record, why in poison:
             log.warning(

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
+from consumer.core.backoff import Backoff, Retries
 from consumer.core.codec import DecodeError, Event, decode
 from consumer.core.times import now_ms
 from consumer.sources.kafka.options import KafkaConnection, client_options, partition_name
@@ -200,6 +201,7 @@ class _Replay:
         self._counted = [spans[tp] for tp in self.active]  # the progress is over these
         self.total = sum(s.end - s.first for s in self._counted)
         self._saved_at = time.monotonic()
+        self._fetches = Retries(Backoff(0.1, 5.0))
         self.fire_handlers = False
 
     async def run(
@@ -241,8 +243,9 @@ class _Replay:
             data = await self.consumer.getmany(timeout_ms=500, max_records=limit)
         except KafkaError as exc:
             log.warning("replay fetch failed (%s); retrying", exc)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(self._fetches.failed())
             return False
+        self._fetches.succeeded()
         events = _replay_batch(data, self.spans, self.stats, self.since_ms, self.until_ms)
         if not data:
             # A partition whose last offsets are transaction markers or were compacted
