@@ -9,6 +9,7 @@ from consumer.core.change import PhaseChange
 from consumer.core.codec import DecodeError, Event, EventFormat, InvalidEvent, NotAnEvent, NotJSON
 from consumer.core.model import Phase, Task, TaskType
 from consumer.core.secrets import redact
+from consumer.dispatch.policy import DeliveryPolicy
 from consumer.dispatch.subscription import Handler, PermanentError, Subscription
 from consumer.settings import Settings
 from consumer.sources.kafka.options import KafkaConnection, client_options
@@ -16,6 +17,7 @@ from consumer.sources.kafka.producers import KafkaPublisher
 
 __all__ = [
     "DecodeError",
+    "DeliveryPolicy",
     "Event",
     "EventFormat",
     "Handler",

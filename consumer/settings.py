@@ -10,9 +10,12 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.dispatch.policy import DeliveryPolicy
 from consumer.sources.kafka.options import KafkaConnection, SourceOptions
 
 __all__ = ["Settings"]
+
+_POLICY = DeliveryPolicy()  # the handler defaults, spelled once there
 
 
 class Settings(BaseSettings):
@@ -59,7 +62,9 @@ class Settings(BaseSettings):
         "", description="Comma-separated module:attribute references to async handlers."
     )
     handler_timeout_s: float = Field(
-        30.0, gt=0, description="A handler call running longer is cancelled and logged."
+        _POLICY.timeout_s,
+        gt=0,
+        description="A handler call running longer is cancelled and logged.",
     )
     api_token: SecretStr | None = Field(
         None, description="When set, the read API requires 'Authorization: Bearer <token>'."
@@ -121,13 +126,17 @@ class Settings(BaseSettings):
     )
     log_changes: bool = Field(False, description="Built-in log: one JSON line per change.")
     dispatch_max_attempts: int = Field(
-        8, gt=0, description="Attempts per (change, handler) before dead-lettering."
+        _POLICY.max_attempts,
+        gt=0,
+        description="Attempts per (change, handler) before dead-lettering.",
     )
     dispatch_max_age_s: float = Field(
-        86400.0, gt=0, description="Give up retrying a delivery after this many seconds."
+        _POLICY.max_age_s, gt=0, description="Give up retrying a delivery after this many seconds."
     )
     dispatch_concurrency: int = Field(
-        8, gt=0, description="Concurrent calls per handler (one at a time per task)."
+        _POLICY.concurrency,
+        gt=0,
+        description="Concurrent calls per handler (one at a time per task).",
     )
     webhook_forward: bool = Field(
         False,
@@ -169,6 +178,17 @@ class Settings(BaseSettings):
             group_id=self.kafka_group_id,
             max_batch=self.kafka_max_batch,
             dlq_suffix=self.kafka_dlq_suffix,
+        )
+
+    def delivery_policy(self) -> DeliveryPolicy:
+        """The policy of handlers given as bare callables: ``PHASEWATCH_DISPATCH_*`` and
+        ``PHASEWATCH_HANDLER_TIMEOUT_S`` over :class:`DeliveryPolicy`'s defaults. The
+        built-ins take its concurrency, attempts and age (their timeouts are their own)."""
+        return DeliveryPolicy(
+            concurrency=self.dispatch_concurrency,
+            timeout_s=self.handler_timeout_s,
+            max_attempts=self.dispatch_max_attempts,
+            max_age_s=self.dispatch_max_age_s,
         )
 
     def handler_refs(self) -> list[str]:

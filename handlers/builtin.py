@@ -31,6 +31,7 @@ def from_settings(settings: Settings) -> list[Subscription]:
     Raises ValueError, naming the variable to set, when one is enabled but incomplete.
     """
     enabled: list[Subscription] = []
+    policy = settings.delivery_policy()
     if settings.notify_url:
         secret = settings.notify_secret.get_secret_value() if settings.notify_secret else ""
         if not secret:
@@ -45,9 +46,9 @@ def from_settings(settings: Settings) -> list[Subscription]:
                 secret,
                 phases=_split(settings.notify_phases),
                 timeout_s=settings.notify_timeout_s,
-                concurrency=settings.dispatch_concurrency,
-                max_attempts=settings.dispatch_max_attempts,
-                max_age_s=settings.dispatch_max_age_s,
+                concurrency=policy.concurrency,
+                max_attempts=policy.max_attempts,
+                max_age_s=policy.max_age_s,
             )
         )
     if settings.publish_topic:
@@ -60,9 +61,9 @@ def from_settings(settings: Settings) -> list[Subscription]:
             kafka_publish(
                 settings.publish_topic,
                 client_options(settings.kafka_connection()),
-                concurrency=settings.dispatch_concurrency,
-                max_attempts=settings.dispatch_max_attempts,
-                max_age_s=settings.dispatch_max_age_s,
+                concurrency=policy.concurrency,
+                max_attempts=policy.max_attempts,
+                max_age_s=policy.max_age_s,
             )
         )
     if settings.log_changes:

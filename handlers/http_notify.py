@@ -32,9 +32,9 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from consumer import PermanentError, PhaseChange, Subscription, redact
+from consumer import DeliveryPolicy, PermanentError, PhaseChange, Subscription, redact
 from handlers.signing import InvalidNotification, sign, signing_key, verify_notification
-from handlers.subscribe import phase_set, subscription, type_set
+from handlers.subscribe import DEFAULT_POLICY, phase_set, subscription, type_set
 
 __all__ = ["InvalidNotification", "NotifyError", "http_notify", "verify_notification"]
 
@@ -184,17 +184,19 @@ def http_notify(
     updates: bool = False,
     timeout_s: float = 10.0,
     name: str = "http-notify",
-    concurrency: int = 8,
-    max_attempts: int = 8,
-    max_age_s: float = 86400.0,
-    backoff_s: float = 0.5,
-    max_backoff_s: float = 300.0,
+    concurrency: int = DEFAULT_POLICY.concurrency,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
+    max_age_s: float = DEFAULT_POLICY.max_age_s,
+    backoff_s: float = DEFAULT_POLICY.backoff_s,
+    max_backoff_s: float = DEFAULT_POLICY.max_backoff_s,
 ) -> Subscription:
     """A subscription POSTing each matching change to ``url``, signed with ``secret``.
 
     ``secret``: ``whsec_<base64>`` (Standard Webhooks) or any string; receivers check it
     with :func:`verify_notification`. ``phases``/``types``: only these (empty: all).
-    ``timeout_s``: per request. ``name`` prefixes ``webhook-id``: keep it stable, or
+    ``timeout_s``: per request (its own default: a receiver should answer well within
+    the dispatcher's 30 s). The delivery policy's defaults are
+    :class:`consumer.DeliveryPolicy`'s. ``name`` prefixes ``webhook-id``: keep it stable, or
     receivers will not recognise retries across a rename.
     """
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
@@ -206,12 +208,14 @@ def http_notify(
         phases=phase_set(phases, what="phases"),
         types=type_set(types, what="types"),
         updates=updates,
-        concurrency=concurrency,
-        timeout_s=timeout_s + _DISPATCH_TIMEOUT_MARGIN_S,
-        max_attempts=max_attempts,
-        max_age_s=max_age_s,
-        backoff_s=backoff_s,
-        max_backoff_s=max_backoff_s,
+        policy=DeliveryPolicy(
+            concurrency=concurrency,
+            timeout_s=timeout_s + _DISPATCH_TIMEOUT_MARGIN_S,
+            max_attempts=max_attempts,
+            max_age_s=max_age_s,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+        ),
         on_start=notifier.start,
         on_stop=notifier.stop,
         extra={"target": notifier.target},

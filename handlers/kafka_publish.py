@@ -21,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from consumer import KafkaPublisher, PhaseChange, Subscription
-from handlers.subscribe import phase_set, subscription, type_set
+from consumer import DeliveryPolicy, KafkaPublisher, PhaseChange, Subscription
+from handlers.subscribe import DEFAULT_POLICY, phase_set, subscription, type_set
 
 __all__ = ["kafka_publish"]
 
@@ -81,12 +81,12 @@ def kafka_publish(
     types: str | Iterable[str] = (),
     updates: bool = False,
     name: str = "kafka-publish",
-    concurrency: int = 8,
-    timeout_s: float = 30.0,
-    max_attempts: int = 8,
-    max_age_s: float = 86400.0,
-    backoff_s: float = 0.5,
-    max_backoff_s: float = 300.0,
+    concurrency: int = DEFAULT_POLICY.concurrency,
+    timeout_s: float = DEFAULT_POLICY.timeout_s,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
+    max_age_s: float = DEFAULT_POLICY.max_age_s,
+    backoff_s: float = DEFAULT_POLICY.backoff_s,
+    max_backoff_s: float = DEFAULT_POLICY.max_backoff_s,
 ) -> Subscription:
     """A subscription producing each matching change to ``topic``.
 
@@ -105,12 +105,14 @@ def kafka_publish(
         phases=phase_set(phases, what="phases"),
         types=type_set(types, what="types"),
         updates=updates,
-        concurrency=concurrency,
-        timeout_s=timeout_s,
-        max_attempts=max_attempts,
-        max_age_s=max_age_s,
-        backoff_s=backoff_s,
-        max_backoff_s=max_backoff_s,
+        policy=DeliveryPolicy(
+            concurrency=concurrency,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            max_age_s=max_age_s,
+            backoff_s=backoff_s,
+            max_backoff_s=max_backoff_s,
+        ),
         on_start=publisher.start,
         on_stop=publisher.stop,
         extra={"topic": topic},

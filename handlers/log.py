@@ -14,10 +14,19 @@ from typing import TextIO
 
 import orjson
 
-from consumer import PhaseChange, Subscription
+from consumer import DeliveryPolicy, PhaseChange, Subscription
 from handlers.subscribe import phase_set, subscription, type_set
 
 __all__ = ["log_changes"]
+
+_POLICY = DeliveryPolicy(
+    # One writer: concurrent calls would only contend for the same stream.
+    concurrency=1,
+    timeout_s=10.0,
+    # A line that cannot be written now (a full pipe) is worth a few tries, not a day.
+    max_attempts=3,
+    max_age_s=60.0,
+)
 
 
 class _LineWriter:
@@ -50,10 +59,5 @@ def log_changes(
         phases=phase_set(phases, what="phases"),
         types=type_set(types, what="types"),
         updates=updates,
-        # One writer: concurrent calls would only contend for the same stream.
-        concurrency=1,
-        timeout_s=10.0,
-        # A line that cannot be written now (a full pipe) is worth a few tries, not a day.
-        max_attempts=3,
-        max_age_s=60.0,
+        policy=_POLICY,
     )

@@ -18,14 +18,13 @@ the same checks.
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from enum import Enum
 from types import EllipsisType
 from typing import Any
 
-from consumer import Handler, Phase, PhaseChange, Subscription, TaskType
+from consumer import DeliveryPolicy, Handler, Phase, PhaseChange, Subscription, TaskType
 
 __all__ = [
     "PhaseFilter",
@@ -46,6 +45,9 @@ PreviousFilter = str | Iterable[str | None] | None | EllipsisType
 TypeFilter = str | Iterable[str] | None
 """``"upload"``, ``TaskType.UPLOAD``, or an iterable of them; None: any."""
 Predicate = Callable[[PhaseChange], bool]
+
+DEFAULT_POLICY = DeliveryPolicy()
+"""The defaults of ``on()`` and the built-ins: spelled once, in DeliveryPolicy."""
 
 _KNOWN_PHASES = frozenset(p.value for p in Phase)
 _KNOWN_TYPES = frozenset(t.value for t in TaskType)
@@ -129,34 +131,6 @@ def _check_where(where: object) -> None:
         raise TypeError("where must be a plain (not async) function returning a bool")
 
 
-def _check_policy(
-    *,
-    concurrency: int,
-    timeout_s: float,
-    max_attempts: int,
-    max_age_s: float,
-    backoff_s: float,
-    max_backoff_s: float,
-) -> None:
-    for label, count in (("concurrency", concurrency), ("max_attempts", max_attempts)):
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise TypeError(f"{label} must be an int, got {count!r}")
-        if count < 1:
-            raise ValueError(f"{label} must be at least 1, got {count}")
-    for label, seconds in (("timeout_s", timeout_s), ("max_age_s", max_age_s)):
-        if not _is_seconds(seconds) or seconds <= 0:
-            raise ValueError(f"{label} must be a positive number of seconds, got {seconds!r}")
-    for label, seconds in (("backoff_s", backoff_s), ("max_backoff_s", max_backoff_s)):
-        if not _is_seconds(seconds) or seconds < 0:
-            raise ValueError(f"{label} must be a number of seconds >= 0, got {seconds!r}")
-    if max_backoff_s < backoff_s:
-        raise ValueError(f"max_backoff_s ({max_backoff_s}) is below backoff_s ({backoff_s})")
-
-
-def _is_seconds(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-
-
 def _is_async(fn: object) -> bool:
     # An object with ``async def __call__`` is as good as an async function.
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
@@ -179,17 +153,15 @@ def subscription(
     types: frozenset[str] = frozenset(),
     where: Predicate | None = None,
     updates: bool = False,
-    concurrency: int = 8,
-    timeout_s: float = 30.0,
-    max_attempts: int = 8,
-    max_age_s: float = 86400.0,
-    backoff_s: float = 0.5,
-    max_backoff_s: float = 300.0,
+    policy: DeliveryPolicy = DEFAULT_POLICY,
     on_start: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> Subscription:
-    """A checked :class:`consumer.Subscription` (filters already normalized)."""
+    """A checked :class:`consumer.Subscription` (filters already normalized; the policy
+    checked itself when it was built)."""
+    if isinstance(fn, Subscription):
+        raise TypeError(f"handler {name!r} is already a subscription: apply @on(...) once")
     if not _is_async(fn):
         raise TypeError(
             f"handler {name!r} must be an async function (async def), got {fn!r}: "
@@ -200,14 +172,8 @@ def subscription(
     _check_where(where)
     if not isinstance(updates, bool):
         raise TypeError(f"updates must be True or False, got {updates!r}")
-    _check_policy(
-        concurrency=concurrency,
-        timeout_s=timeout_s,
-        max_attempts=max_attempts,
-        max_age_s=max_age_s,
-        backoff_s=backoff_s,
-        max_backoff_s=max_backoff_s,
-    )
+    if not isinstance(policy, DeliveryPolicy):
+        raise TypeError(f"policy must be a consumer.DeliveryPolicy, got {policy!r}")
     for label, hook in (("on_start", on_start), ("on_stop", on_stop)):
         if hook is not None and not _is_async(hook):
             raise TypeError(f"{label} must be an async function taking no argument")
@@ -219,12 +185,7 @@ def subscription(
         types=types,
         where=where,
         updates=updates,
-        concurrency=concurrency,
-        timeout_s=float(timeout_s),
-        max_attempts=max_attempts,
-        backoff_s=float(backoff_s),
-        max_backoff_s=float(max_backoff_s),
-        max_age_s=float(max_age_s),
+        policy=policy,
         on_start=on_start,
         on_stop=on_stop,
         extra=dict(extra or {}),
@@ -239,12 +200,12 @@ def on(
     where: Predicate | None = None,
     updates: bool = False,
     name: str | None = None,
-    concurrency: int = 8,
-    timeout_s: float = 30.0,
-    max_attempts: int = 8,
-    max_age_s: float = 86400.0,
-    backoff_s: float = 0.5,
-    max_backoff_s: float = 300.0,
+    concurrency: int = DEFAULT_POLICY.concurrency,
+    timeout_s: float = DEFAULT_POLICY.timeout_s,
+    max_attempts: int = DEFAULT_POLICY.max_attempts,
+    max_age_s: float = DEFAULT_POLICY.max_age_s,
+    backoff_s: float = DEFAULT_POLICY.backoff_s,
+    max_backoff_s: float = DEFAULT_POLICY.max_backoff_s,
 ) -> Callable[[Handler], Subscription]:
     """Turn ``async def f(change)`` into a :class:`consumer.Subscription`.
 
@@ -266,16 +227,15 @@ def on(
     phases = phase_set(phase)
     previous_phases = previous_set(previous)
     types = type_set(type)
-    policy: dict[str, Any] = {
-        "concurrency": concurrency,
-        "timeout_s": timeout_s,
-        "max_attempts": max_attempts,
-        "max_age_s": max_age_s,
-        "backoff_s": backoff_s,
-        "max_backoff_s": max_backoff_s,
-    }
-    # Checked now, at import of the handler module, not when the decorator is applied.
-    _check_policy(**policy)
+    # Checked now (the policy checks itself), at import of the handler module.
+    policy = DeliveryPolicy(
+        concurrency=concurrency,
+        timeout_s=timeout_s,
+        max_attempts=max_attempts,
+        max_age_s=max_age_s,
+        backoff_s=backoff_s,
+        max_backoff_s=max_backoff_s,
+    )
     _check_where(where)
     if not isinstance(updates, bool):
         raise TypeError(f"updates must be True or False, got {updates!r}")
@@ -283,6 +243,8 @@ def on(
         raise ValueError(f"name must be a non-empty string, got {name!r}")
 
     def decorate(fn: Handler) -> Subscription:
+        if isinstance(fn, Subscription):
+            raise TypeError(f"{fn.name!r} is already a handler: apply @on(...) once")
         if not _is_async(fn):
             raise TypeError(
                 f"@on(...) needs an async function (async def ...), got {fn!r}: "
@@ -296,7 +258,7 @@ def on(
             types=types,
             where=where,
             updates=updates,
-            **policy,
+            policy=policy,
         )
 
     return decorate

@@ -42,6 +42,7 @@ from typing import Any
 from consumer.core.change import ChangeRecord, PhaseChange
 from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
+from consumer.dispatch.policy import DeliveryPolicy
 from consumer.dispatch.subscription import PermanentError, Subscription
 from consumer.store.base import Delivery, DeliveryStatus, Store
 
@@ -83,12 +84,12 @@ class _Item:
 @dataclass(slots=True)
 class _Lane:
     sub: Subscription
+    slots: asyncio.Semaphore  # the policy's concurrency: handler calls at once
     cursor: int = 0  # every seq <= cursor is resolved
     scanned: int = 0  # highest seq read from the outbox
     queues: dict[str, deque[_Item]] = field(default_factory=dict)
     workers: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     unresolved: set[int] = field(default_factory=set)
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(8))
     stats: LaneStats = field(default_factory=LaneStats)
     saved_cursor: int = -1
 
@@ -139,7 +140,7 @@ class Dispatcher:
     ) -> None:
         self._store = store
         self._lanes = [
-            _Lane(sub, slots=asyncio.Semaphore(max(1, sub.concurrency))) for sub in subscriptions
+            _Lane(sub, asyncio.Semaphore(sub.policy.concurrency)) for sub in subscriptions
         ]
         names = [lane.sub.name for lane in self._lanes]
         if len(set(names)) != len(names):
@@ -150,7 +151,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        longest = max((s.timeout_s for s in subscriptions), default=30.0)
+        longest = max(
+            (s.policy.timeout_s for s in subscriptions), default=DeliveryPolicy().timeout_s
+        )
         # Long enough that a handler at its timeout never outlives the lease.
         self._lease_ms = int((2 * longest + 10) * 1000)
         self._lease_renewed = 0.0
@@ -412,7 +415,7 @@ class Dispatcher:
             async with lane.slots:
                 lane.stats.in_flight += 1
                 try:
-                    await asyncio.wait_for(sub.fn(c), sub.timeout_s)
+                    await asyncio.wait_for(sub.fn(c), sub.policy.timeout_s)
                 finally:
                     lane.stats.in_flight -= 1
 
@@ -474,18 +477,17 @@ async def call_with_retries(
             return DeliveryStatus.DEAD, attempts, _describe(exc)
         except Exception as exc:  # any failure of user code is retried, never fatal
             error = _describe(exc)
-            if attempts >= sub.max_attempts or (now_ms() - first) / 1000 >= sub.max_age_s:
+            if sub.policy.gives_up(attempts, (now_ms() - first) / 1000):
                 return DeliveryStatus.DEAD, attempts, error
             await on_failure(attempts, error)
-            await asyncio.sleep(_backoff(sub, attempts))
+            await asyncio.sleep(_backoff(sub.policy, attempts))
             continue
         return DeliveryStatus.DONE, attempts, None
 
 
-def _backoff(sub: Subscription, attempts: int) -> float:
+def _backoff(policy: DeliveryPolicy, attempts: int) -> float:
     # Full jitter (AWS architecture blog): spreads retries of many failing deliveries.
-    ceiling = min(sub.max_backoff_s, sub.backoff_s * 2 ** (attempts - 1))
-    return random.uniform(0, ceiling)  # noqa: S311 - jitter, not cryptography
+    return random.uniform(0, policy.backoff_ceiling(attempts))  # noqa: S311 - jitter, not crypto
 
 
 def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:

@@ -68,14 +68,7 @@ def _subscription(item: Any, name: str, settings: Settings) -> Subscription:
     if not callable(item):
         raise HandlerLoadError(f"handler {name!r} is not callable")
     _check_async(item, name)
-    return Subscription(
-        name=name,
-        fn=item,
-        concurrency=settings.dispatch_concurrency,
-        timeout_s=settings.handler_timeout_s,
-        max_attempts=settings.dispatch_max_attempts,
-        max_age_s=settings.dispatch_max_age_s,
-    )
+    return Subscription(name=name, fn=item, policy=settings.delivery_policy())
 
 
 def _check_async(fn: Any, name: str) -> None:

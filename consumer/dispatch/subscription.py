@@ -9,15 +9,18 @@ and builds these objects; the dispatcher only ever sees these.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Unpack
 
 from consumer.core.change import PhaseChange
+from consumer.dispatch.policy import DeliveryPolicy, PolicyOverrides
 
-__all__ = ["Handler", "PermanentError", "Subscription", "subscription_of"]
+__all__ = ["DeliveryPolicy", "Handler", "PermanentError", "Subscription", "subscription_of"]
 
 
 Handler = Callable[[PhaseChange], Awaitable[None]]
+
+DEFAULT_POLICY = DeliveryPolicy()
 
 
 class PermanentError(Exception):
@@ -25,36 +28,95 @@ class PermanentError(Exception):
     malformed target): the delivery goes to dead letters at once."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Subscription:
     """A handler and what it wants. Empty filters match everything.
 
     ``phases``: target phases; ``previous``: phases changed from (``None`` = first sight);
     ``types``: task types; ``where``: a predicate on the change. ``updates``: also receive
-    every materialized update, not only phase changes. Delivery policy: at most
-    ``concurrency`` calls at once (always one at a time per task), each limited to
-    ``timeout_s``; failures retried with exponential backoff and jitter from
-    ``backoff_s`` up to ``max_backoff_s``, at most ``max_attempts`` times and for at most
-    ``max_age_s`` after the first attempt, then dead-lettered.
+    every materialized update, not only phase changes. ``policy``: how it is delivered
+    (:class:`~consumer.dispatch.policy.DeliveryPolicy`); its fields may also be given
+    one by one (``Subscription(name=..., fn=..., max_attempts=3)``) and read as
+    attributes (``sub.max_attempts``). ``on_start``/``on_stop``: the lifecycle of
+    resources the handler holds (an HTTP session, a producer).
+
+    Calling a subscription calls its handler, so a function decorated with ``@on`` can
+    still be awaited directly (``await publish(change)``), e.g. in the user's own tests:
+    filters and the delivery policy are the dispatcher's business, not the call's.
     """
 
     name: str
     fn: Handler
-    phases: frozenset[str] = frozenset()
-    previous: frozenset[str | None] = frozenset()
-    types: frozenset[str] = frozenset()
-    where: Callable[[PhaseChange], bool] | None = None
-    updates: bool = False
-    concurrency: int = 8
-    timeout_s: float = 30.0
-    max_attempts: int = 8
-    backoff_s: float = 0.5
-    max_backoff_s: float = 300.0
-    max_age_s: float = 24 * 3600.0
-    # Lifecycle of resources the handler holds (an HTTP session, a producer).
-    on_start: Callable[[], Awaitable[None]] | None = None
-    on_stop: Callable[[], Awaitable[None]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    phases: frozenset[str]
+    previous: frozenset[str | None]
+    types: frozenset[str]
+    where: Callable[[PhaseChange], bool] | None
+    updates: bool
+    policy: DeliveryPolicy
+    on_start: Callable[[], Awaitable[None]] | None
+    on_stop: Callable[[], Awaitable[None]] | None
+    extra: dict[str, Any]
+
+    def __init__(
+        self,
+        name: str,
+        fn: Handler,
+        *,
+        phases: frozenset[str] = frozenset(),
+        previous: frozenset[str | None] = frozenset(),
+        types: frozenset[str] = frozenset(),
+        where: Callable[[PhaseChange], bool] | None = None,
+        updates: bool = False,
+        policy: DeliveryPolicy = DEFAULT_POLICY,
+        on_start: Callable[[], Awaitable[None]] | None = None,
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+        extra: dict[str, Any] | None = None,
+        **policy_fields: Unpack[PolicyOverrides],
+    ) -> None:
+        # Written out (init=False) so that the policy's fields stay accepted one by one.
+        values: dict[str, Any] = {
+            "name": name,
+            "fn": fn,
+            "phases": phases,
+            "previous": previous,
+            "types": types,
+            "where": where,
+            "updates": updates,
+            "policy": policy.with_(**policy_fields) if policy_fields else policy,
+            "on_start": on_start,
+            "on_stop": on_stop,
+            "extra": {} if extra is None else extra,
+        }
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+
+    async def __call__(self, change: PhaseChange) -> None:
+        """Call the handler once, as the dispatcher's first attempt would."""
+        await self.fn(change)
+
+    @property
+    def concurrency(self) -> int:
+        return self.policy.concurrency
+
+    @property
+    def timeout_s(self) -> float:
+        return self.policy.timeout_s
+
+    @property
+    def max_attempts(self) -> int:
+        return self.policy.max_attempts
+
+    @property
+    def backoff_s(self) -> float:
+        return self.policy.backoff_s
+
+    @property
+    def max_backoff_s(self) -> float:
+        return self.policy.max_backoff_s
+
+    @property
+    def max_age_s(self) -> float:
+        return self.policy.max_age_s
 
     def wants(self, kind: str, task_type: str | None, previous: str | None, phase: str) -> bool:
         """The cheap filters, checked before a PhaseChange is even built."""
