@@ -244,7 +244,7 @@ async def test_filters_on_the_small_fixture(store: SQLiteStore) -> None:
     dispatcher = await running(store, *subs)
     events = sorted((decode(d.body) for d in deliveries("small")), key=order_key)
     await store.ingest(events, "test", 0)
-    types = {e.task_id: e.snapshot["type"] for e in events if e.snapshot}  # type: ignore[index]
+    types = {e.task_id: e.snapshot["type"] for e in events if e.snapshot}
     expected = [
         (task_id, prev, phase)
         for task_id, changes in expected_changes("small").items()
@@ -256,7 +256,7 @@ async def test_filters_on_the_small_fixture(store: SQLiteStore) -> None:
     await settled(store, dispatcher)
     await dispatcher.stop()
 
-    def want(pred: Callable[[tuple[str, str | None, str]], bool]) -> list[Any]:
+    def want(pred: Callable[[tuple[str, str | None, str | None]], bool]) -> list[Any]:
         return sorted((c for c in expected if pred(c)), key=repr)
 
     assert sorted(got["completed"], key=repr) == want(lambda c: c[2] == "completed")

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from tests.support import (
     expected_changes,
     expected_tasks,
     snapshot,
+    wait_until,
     webhook_body,
 )
 
@@ -37,7 +37,9 @@ def task_key(body: bytes) -> bytes:
     return str(doc["payload"]["task"]["id"]).encode()
 
 
-async def produce(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes]]) -> None:
+async def produce(
+    bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]]
+) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
@@ -58,13 +60,6 @@ def kafka_settings(broker: KafkaBroker, topic: str, **extra: Any) -> Settings:
     )
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = 60, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.1)
-
-
 async def assert_expected(store: Store, fixture: str) -> None:
     for task_id, task in expected_tasks(fixture).items():
         stored = await store.get_task(task_id)
@@ -82,7 +77,7 @@ async def wait_for_the_fixture(store: Store, fixture: str) -> None:
     async def done() -> bool:
         return (await store.stats()).events == distinct_events(fixture)
 
-    await wait_until(done, what="all events")
+    await wait_until(done, timeout=60, what="all events")
     await assert_expected(store, fixture)
 
 
@@ -134,15 +129,13 @@ async def test_fixture_stream_on_a_topic_folds_to_expected(
         assert source.stats.poison == 0
         # Lag is measured per partition and reaches zero once caught up.
         await wait_until(
-            lambda: _true(source.stats.lag and sum(source.stats.lag.values()) == 0), what="lag 0"
+            lambda: source.stats.lag and sum(source.stats.lag.values()) == 0,
+            timeout=60,
+            what="lag 0",
         )
     finally:
         await source.stop()
         await store.close()
-
-
-async def _true(value: Any) -> bool:
-    return bool(value)
 
 
 async def test_all_three_formats_on_one_topic(
@@ -173,7 +166,7 @@ async def test_all_three_formats_on_one_topic(
         async def three() -> bool:
             return (await store.stats()).events == 3
 
-        await wait_until(three, what="3 events")
+        await wait_until(three, timeout=60, what="3 events")
         stored = await store.get_task("T")
         assert stored is not None and stored.phase == "completed"
         assert [(c.previous_phase, c.phase) for c in await store.task_changes("T")] == [
@@ -186,8 +179,8 @@ async def test_all_three_formats_on_one_topic(
         await store.close()
 
 
-class Crash(BaseException):
-    """Stands for the process dying: nothing after it runs, nothing catches it."""
+class Crash(Exception):
+    """Stands for the process dying right after a store commit, before its offsets."""
 
 
 async def test_crash_between_store_commit_and_offset_commit(
@@ -202,30 +195,26 @@ async def test_crash_between_store_commit_and_offset_commit(
     store = SQLiteStore(tmp_path / "c.db")
     await store.open()
 
-    class CrashAfterCommit:
-        """The real store; the third batch commits, then the 'process' dies."""
+    stored_batches = 0
 
-        def __init__(self) -> None:
-            self.batches = 0
+    def crash_on_the_second_batch(changes: Any) -> None:
+        # The source calls this once a batch is in the store, before it records the
+        # batch's offsets for the commit: the 'process' dies there, after the store
+        # shows one batch whole, whatever the size of the fixture.
+        nonlocal stored_batches
+        stored_batches += 1
+        if stored_batches == 2:
+            raise Crash("the process died")
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(store, name)
-
-        async def ingest_raw(self, *args: Any, **kw: Any) -> Any:
-            result = await store.ingest_raw(*args, **kw)
-            self.batches += 1
-            if self.batches == 3:
-                raise Crash
-            return result
-
-    crashing = kafka_source(CrashAfterCommit(), settings)  # type: ignore[arg-type]
+    crashing = kafka_source(store, settings, on_changes=crash_on_the_second_batch)
     await crashing.start()
-    assert crashing._task is not None
-    with pytest.raises(Crash):
-        await asyncio.wait_for(crashing._task, 60)
-    crashing._task = None
+    failure = await wait_until(
+        lambda: crashing.failure, "the crash to stop consumption", timeout=60
+    )
+    assert failure.startswith("Crash"), failure
     await crashing.stop()  # leaves the group without committing anything more
     committed_before = (await store.stats()).events
+    assert 0 < committed_before < distinct_events("messy"), "the crash should land mid-stream"
 
     survivor = kafka_source(store, settings)
     await survivor.start()
@@ -234,7 +223,7 @@ async def test_crash_between_store_commit_and_offset_commit(
         async def done() -> bool:
             return (await store.stats()).events == distinct_events("messy")
 
-        await wait_until(done, what="all events")
+        await wait_until(done, timeout=60, what="all events")
         # The batch committed to the store but not to Kafka came again: all duplicates,
         # and it recorded no second phase change.
         assert survivor.stats.duplicates >= 1
@@ -276,7 +265,7 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
             stored = (await store.stats()).events == len({d.doc["id"] for d in good})
             return stored and source.stats.poison >= len(poison)
 
-        await wait_until(done, what="good records and dead letters")
+        await wait_until(done, timeout=60, what="good records and dead letters")
         assert source.stats.poison == len(poison)
     finally:
         await source.stop()
@@ -290,10 +279,13 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
     await dlq.start()
     try:
         got: list[Any] = []
-        deadline = time.monotonic() + 30
-        while len(got) < len(poison) and time.monotonic() < deadline:
+
+        async def all_dead_letters() -> bool:
             for batch in (await dlq.getmany(timeout_ms=500)).values():
                 got.extend(batch)
+            return len(got) >= len(poison)
+
+        await wait_until(all_dead_letters, "every dead letter on the DLQ topic", interval=0)
     finally:
         await dlq.stop()
     by_value = {r.value or b"": dict(r.headers) for r in got}
@@ -326,7 +318,7 @@ async def test_consumer_recovers_from_a_broker_restart(
         async def some() -> bool:
             return (await store.stats()).events > 0
 
-        await wait_until(some, what="first events")
+        await wait_until(some, timeout=60, what="first events")
         await asyncio.to_thread(kafka_broker.restart)  # the broker goes away mid-consumption
         await produce(kafka_broker.bootstrap_servers, kafka_topic, stream[half:])
 
@@ -360,7 +352,7 @@ async def test_a_fault_in_the_consumer_loop_is_reported_not_silent(
     source = kafka_source(store, settings, on_changes=broken_sink)
     await source.start()
     try:
-        await wait_until(lambda: _true(source.failure is not None), what="the failure reported")
+        await wait_until(lambda: source.failure, timeout=60, what="the failure reported")
         assert source.status()["failed"] == "RuntimeError: the dispatcher is broken"
     finally:
         await source.stop()  # does not raise: the failure was reported when it happened

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from consumer.core.secrets import redact
 from tests.kafka.test_consumer import produce, task_key
 from tests.kafka_fixtures import KafkaBroker
 from tests.process.service_proc import ServiceProcess
-from tests.support import deliveries, expected_tasks
+from tests.support import deliveries, expected_tasks, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -29,14 +29,19 @@ async def fetch(url: str) -> Any:
         return await r.json()
 
 
-async def wait_ready(url: str, predicate: Any, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = await fetch(f"{url}/readyz")
-        if predicate(status):
-            return status
-        assert time.monotonic() < deadline, f"timed out: {status}"
-        await asyncio.sleep(0.2)
+async def wait_ready(
+    url: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 120
+) -> dict[str, Any]:
+    """The service's /readyz once ``predicate`` holds for it; fails (with the last status)
+    when it does not within ``timeout``."""
+
+    async def ready() -> dict[str, Any] | None:
+        status: dict[str, Any] = await fetch(f"{url}/readyz")
+        return status if predicate(status) else None
+
+    return await wait_until(
+        ready, f"/readyz of {url} to satisfy the test", timeout=timeout, interval=0.2
+    )
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
@@ -52,10 +57,10 @@ async def test_member_leaves_mid_stream_other_takes_over(
         "PHASEWATCH_KAFKA_MAX_BATCH": "100",
     }
     # Both consume into one store; the survivor also runs the handler.
-    leaver = ServiceProcess(db, **env).start()
+    leaver = ServiceProcess(db, env).start()
     survivor = ServiceProcess(
         db,
-        **env,
+        env,
         PHASEWATCH_HANDLERS="tests.process.recording_handler:record",
         PHASEWATCH_TEST_RECORD=str(record),
     ).start()
@@ -108,8 +113,8 @@ async def test_forward_mode_webhooks_through_the_broker(
     }
     # Two receivers behind a "load balancer", each also a consumer, one shared store.
     db = tmp_path / "fwd.db"
-    a = ServiceProcess(db, **env).start()
-    b = ServiceProcess(db, **env).start()
+    a = ServiceProcess(db, env).start()
+    b = ServiceProcess(db, env).start()
     try:
         stream = list(deliveries("small"))
         async with aiohttp.ClientSession() as session:

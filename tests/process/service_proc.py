@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 
 from tests.support import REPO
@@ -24,7 +25,15 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, db: Path, *, port: int | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        db: Path,
+        env: Mapping[str, str] | None = None,
+        *,
+        port: int | None = None,
+        **extra: str,
+    ) -> None:
+        """``env`` and ``extra`` are environment variables for the service, over ours."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = db.with_suffix(".log")
@@ -34,7 +43,8 @@ class ServiceProcess:
             "PHASEWATCH_HTTP_HOST": "127.0.0.1",
             "PHASEWATCH_HTTP_PORT": str(self.port),
             "PYTHONPATH": str(REPO),
-            **env,
+            **(env or {}),
+            **extra,
         }
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -59,7 +59,7 @@ async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path, wri
     random.Random(7).shuffle(stream)
     db = tmp_path / "crash.db"
     env = {**ENV, "PHASEWATCH_SQLITE_WRITER": writer}
-    service = ServiceProcess(db, **env).start()
+    service = ServiceProcess(db, env).start()
 
     async def killer() -> None:
         # Let a good part of the stream in, then pull the plug with requests in flight.
@@ -70,7 +70,7 @@ async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path, wri
     acked, _ = await asyncio.gather(send_all(service.url, stream), killer())
     assert 0 < len(acked) < len(stream), "the kill should land mid-stream"
 
-    service = ServiceProcess(db, port=service.port, **env).start()
+    service = ServiceProcess(db, env, port=service.port).start()
     try:
         ready = await fetch(service.url, "/readyz")
         acked_ids = {stream[i].doc["id"] for i in acked}
@@ -98,11 +98,11 @@ async def test_changes_reach_handlers_after_a_crash(tmp_path: Path) -> None:
     }
     stream = sorted(deliveries("small"), key=Delivery.order_key)
     db = tmp_path / "h.db"
-    service = ServiceProcess(db, **env).start()
+    service = ServiceProcess(db, env).start()
     half = len(stream) // 2
     assert len(await send_all(service.url, stream[:half], concurrency=1)) == half
     service.kill()
-    service = ServiceProcess(db, port=service.port, **env).start()
+    service = ServiceProcess(db, env, port=service.port).start()
     try:
         assert len(await send_all(service.url, stream[half:], concurrency=1)) == len(stream) - half
         for _ in range(200):

@@ -26,7 +26,7 @@ async def test_sigkill_during_dispatch(tmp_path: Path) -> None:
         "PHASEWATCH_DISPATCH_CONCURRENCY": "4",
     }
     db = tmp_path / "d.db"
-    service = ServiceProcess(db, **env).start()
+    service = ServiceProcess(db, env).start()
     stream = sorted(deliveries("messy"), key=Delivery.order_key)
     assert len(await send_all(service.url, stream, concurrency=16)) == len(stream)
     # Ingestion is done; dispatch is still working through the changes. Kill it there.
@@ -50,7 +50,7 @@ async def test_sigkill_during_dispatch(tmp_path: Path) -> None:
         all_changes = {seq for (seq,) in con.execute("SELECT seq FROM changes")}
     assert done_before
 
-    service = ServiceProcess(db, port=service.port, **env).start()
+    service = ServiceProcess(db, env, port=service.port).start()
     try:
         for _ in range(600):
             if (await fetch(service.url, "/readyz"))["pendingChanges"] == 0:

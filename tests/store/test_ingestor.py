@@ -12,7 +12,7 @@ from consumer.core.plan import Outcome
 from consumer.sources.group_commit import Ingestor
 from consumer.store.base import RawIngestResult, Rejected
 from consumer.store.memory import MemoryStore
-from tests.support import snapshot, webhook_body
+from tests.support import snapshot, wait_until, webhook_body
 
 
 def body(event_id: str, task_id: str, phase: str, t: int) -> bytes:
@@ -60,7 +60,7 @@ async def test_each_submitter_gets_its_own_outcome() -> None:
         await ingestor.stop()
     assert results[0] == Outcome.ACCEPTED
     assert isinstance(results[1], Rejected) and results[1].reason == "not_json"
-    assert results[2:] == [Outcome.ACCEPTED, Outcome.DUPLICATE]
+    assert list(results[2:]) == [Outcome.ACCEPTED, Outcome.DUPLICATE]
     assert (ingestor.stats.accepted, ingestor.stats.duplicates, ingestor.stats.rejected) == (
         2,
         1,
@@ -73,20 +73,21 @@ async def test_each_submitter_gets_its_own_outcome() -> None:
 @pytest.mark.parametrize("max_inflight", [1, 2])
 async def test_batches_in_flight_are_bounded_and_group_what_waits(max_inflight: int) -> None:
     store = GatedStore()
-    ingestor = Ingestor(store, source="webhook", max_inflight=max_inflight)  # type: ignore[arg-type]
+    ingestor = Ingestor(store, source="webhook", max_inflight=max_inflight)
     await ingestor.start()
     try:
         first = [
             asyncio.create_task(ingestor.submit(body(f"a{i}", f"T{i}", "pending", 1)))
             for i in range(3)
         ]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: store.running >= 1, "the first batch at the gate")
         later = [
             asyncio.create_task(ingestor.submit(body(f"b{i}", f"T{i}", "running", 2)))
             for i in range(50)
         ]
-        await asyncio.sleep(0.05)
-        assert store.running == max_inflight  # held at the gate, no more than allowed
+        # Held at the gate, as many batches as allowed (most_running, below, shows that
+        # never more were running at once).
+        await wait_until(lambda: store.running == max_inflight, f"{max_inflight} batches held")
         store.gate.set()
         outcomes = await asyncio.gather(*first, *later)
     finally:
@@ -108,7 +109,7 @@ async def test_a_batch_the_store_refuses_is_retried_event_by_event() -> None:
             return await self.inner.ingest_raw(raws, source, received_at, **kw)
 
     store = Picky()
-    ingestor = Ingestor(store, source="webhook")  # type: ignore[arg-type]
+    ingestor = Ingestor(store, source="webhook")
     await ingestor.start()
     try:
         good = ingestor.submit(body("g1", "T", "pending", 1))

@@ -152,7 +152,7 @@ async def test_updates_recorded_only_when_asked(tmp_path: Path) -> None:
                 1,
             )
             kinds = [(c.kind, c.previous_phase, c.phase) for c in await store.changes_after(0)]
-            expected = [("phase", None, "running")]
+            expected: list[tuple[str, str | None, str]] = [("phase", None, "running")]
             if record_updates:
                 expected.append(("update", "running", "running"))
             assert kinds == expected
