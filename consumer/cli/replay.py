@@ -43,7 +43,8 @@ from rich.text import Text
 
 from consumer.core.times import parse_time
 from consumer.dispatch.loading import load_subscriptions
-from consumer.replay.archive import BatchHook, export_archive, import_archive
+from consumer.replay.archive import export_archive, import_archive
+from consumer.replay.job import BatchHook, Job
 from consumer.replay.rebuild import Interrupted, rebuild, replay_changes, replay_handlers, run_key
 from consumer.service import open_store
 from consumer.settings import Settings
@@ -212,18 +213,18 @@ async def run(
         return _fail(f"no such file: {args.file}", status=2)
     store = open_store(settings)
     await store.open()
-    stop = asyncio.Event()
+    job = Job(on_batch=on_batch)
     try:
-        with _stop_on_sigint(stop):
+        with _stop_on_sigint(job.stop):
             if action == "import":
-                return await _import(store, settings, args, stop, on_batch)
+                return await _import(store, settings, args, job)
             if action == "export":
-                return await _export(store, args, stop, on_batch)
+                return await _export(store, args, job)
             if action == "rebuild":
-                return await _rebuild(store, args, stop)
+                return await _rebuild(store, args, job)
             if action == "replay-handlers":
-                return await _replay_handlers(store, settings, args, stop)
-            return await _replay_kafka(store, settings, args, stop, on_batch)
+                return await _replay_handlers(store, settings, args, job)
+            return await _replay_kafka(store, settings, args, job)
     finally:
         await store.close()
 
@@ -232,18 +233,15 @@ async def _import(
     store: Store,
     settings: Settings,
     args: argparse.Namespace,
-    stop: asyncio.Event,
-    on_batch: BatchHook | None,
+    job: Job,
 ) -> int:
-    with _Display("import", "lines") as progress:
+    with _Display("import", "lines") as job.progress:
         report = await import_archive(
             store,
             args.file,
             verify_secret=args.verify_secret.encode() if args.verify_secret else None,
             batch_size=args.batch_size or settings.ingest_max_batch,
-            progress=progress,
-            stop=stop,
-            on_batch=on_batch,
+            job=job,
             fire_handlers=args.fire_handlers,
         )
     rate = report.events_this_run / report.elapsed_s if report.elapsed_s > 0 else 0.0
@@ -269,11 +267,9 @@ async def _import(
     return 1 if report.rejected_count else 0
 
 
-async def _export(
-    store: Store, args: argparse.Namespace, stop: asyncio.Event, on_batch: BatchHook | None
-) -> int:
+async def _export(store: Store, args: argparse.Namespace, job: Job) -> int:
     target: Path | None = args.output
-    with _Output(target) as out, _Display("export", "events") as progress:
+    with _Output(target) as out, _Display("export", "events") as job.progress:
         report = await export_archive(
             store,
             out.stream,
@@ -281,9 +277,7 @@ async def _export(
             until_ms=args.until,
             task_id=args.task,
             sign_secret=args.sign_secret.encode() if args.sign_secret else None,
-            progress=progress,
-            stop=stop,
-            on_batch=on_batch,
+            job=job,
         )
         if not report.interrupted:
             out.commit()
@@ -306,21 +300,18 @@ async def _replay_kafka(
     store: Store,
     settings: Settings,
     args: argparse.Namespace,
-    stop: asyncio.Event,
-    on_batch: BatchHook | None,
+    job: Job,
 ) -> int:
     try:
-        with _Display("replay", "offsets") as progress:
+        with _Display("replay", "offsets") as job.progress:
             stats = await replay_topics(
                 settings.kafka_connection(),
                 args.topic or settings.topics(),
                 store,
                 args.since,
                 args.until,
-                progress=progress,
                 batch_size=args.batch_size or settings.kafka_max_batch,
-                stop=stop,
-                on_batch=on_batch,
+                job=job,
                 fire_handlers=args.fire_handlers,
             )
     except (ValueError, ConnectionError) as exc:
@@ -513,12 +504,10 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02}:{secs:02}" if hours else f"{minutes}:{secs:02}"
 
 
-async def _rebuild(store: Store, args: argparse.Namespace, stop: asyncio.Event) -> int:
+async def _rebuild(store: Store, args: argparse.Namespace, job: Job) -> int:
     try:
-        with _Display("rebuild", "tasks") as progress:
-            report = await rebuild(
-                store, check=args.check, progress=progress, should_stop=stop.is_set
-            )
+        with _Display("rebuild", "tasks") as job.progress:
+            report = await rebuild(store, check=args.check, job=job)
     except Interrupted as exc:
         _say(f"{exc}; what was staged is kept: run the same command again to continue")
         return 130
@@ -539,7 +528,7 @@ async def _rebuild(store: Store, args: argparse.Namespace, stop: asyncio.Event) 
 
 
 async def _replay_handlers(
-    store: Store, settings: Settings, args: argparse.Namespace, stop: asyncio.Event
+    store: Store, settings: Settings, args: argparse.Namespace, job: Job
 ) -> int:
     subs = load_subscriptions(settings.handler_refs(), settings)
     if args.handler:
@@ -570,10 +559,8 @@ async def _replay_handlers(
         if sub.on_start is not None:
             await sub.on_start()
     try:
-        with _Display("replay handlers", "changes") as progress:
-            report = await replay_handlers(
-                store, subs, changes, run_key=key, progress=progress, should_stop=stop.is_set
-            )
+        with _Display("replay handlers", "changes") as job.progress:
+            report = await replay_handlers(store, subs, changes, run_key=key, job=job)
     except Interrupted as exc:
         _say(f"{exc}; run the same command again to continue")
         return 130

@@ -16,20 +16,18 @@ never ahead, and redoing a batch is harmless, so a hard kill costs a little re-r
 Export needs no checkpoint: it rewrites its output from the start (the CLI writes to a
 temporary file and renames it into place only when complete).
 
-Nothing here touches a terminal: progress is reported through a callback, and stopping is
-asked for through an :class:`asyncio.Event` (or a ``KeyboardInterrupt`` raised by the
-per-batch hook, which is how tests simulate Ctrl-C).
+Both are long jobs (:mod:`consumer.replay.job`): progress, stopping and the checkpoint
+follow its one convention. Nothing here touches a terminal.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
@@ -37,15 +35,15 @@ from consumer.core.codec import DecodeError, Event, decode
 from consumer.core.plan import Outcome
 from consumer.core.signature import SignatureError, sign, verify
 from consumer.core.times import now_ms
-from consumer.store.base import HistoryEntry, Store
+from consumer.replay.job import Checkpoint, Job
+from consumer.store.base import HistoryEntry, HistoryStore, IngestStore, MetaStore
 
 __all__ = [
     "IMPORT_SOURCE",
-    "BatchHook",
     "ExportReport",
     "ImportReport",
+    "ImportStore",
     "LineError",
-    "Progress",
     "RejectedLine",
     "archive_line",
     "checkpoint_key",
@@ -56,14 +54,6 @@ __all__ = [
 
 IMPORT_SOURCE = "import"
 
-Progress = Callable[[int, int | None], None]
-"""``progress(done, total)``: units done so far in this run, and the total if known."""
-
-BatchHook = Callable[[int], None]
-"""Called after each committed batch with the number of batches so far. Raising
-``KeyboardInterrupt`` from it stops the run exactly as Ctrl-C does (tests use this)."""
-
-_CHECKPOINT_EVERY_S = 1.0  # bounds the re-reading after a hard kill; cheap at this rate
 _MAX_REJECTED_KEPT = 1000  # details kept for the report; the count is always exact
 
 
@@ -181,15 +171,17 @@ def checkpoint_key(path: Path) -> str:
     return "import:" + hashlib.sha256(identity.encode()).hexdigest()[:32]
 
 
+class ImportStore(IngestStore, MetaStore, Protocol):
+    """What an import needs: to ingest, and to keep its checkpoint."""
+
+
 async def import_archive(
-    store: Store,
+    store: ImportStore,
     path: Path,
     *,
     verify_secret: bytes | None = None,
     batch_size: int = 512,
-    progress: Progress | None = None,
-    stop: asyncio.Event | None = None,
-    on_batch: BatchHook | None = None,
+    job: Job | None = None,
     fire_handlers: bool = False,
 ) -> ImportReport:
     """Fold an archive into ``store``, resuming an interrupted earlier run of the same
@@ -197,13 +189,13 @@ async def import_archive(
     (one line is one event). Progress is counted in lines. Phase changes reach the
     outbox (and live handlers) only with ``fire_handlers``: an archive is the past."""
     started = time.monotonic()
-    key = checkpoint_key(path)
+    job = job or Job()
+    checkpoint = Checkpoint(store, checkpoint_key(path))
     report = ImportReport(_resolved(path), total_lines=_count_lines(path))
-    saved = await store.get_meta(key)
+    saved = await checkpoint.load()
     if saved is not None:
-        _restore(report, orjson.loads(saved))
+        _restore(report, saved)
         report.resumed_at = report.lines_done
-    last_saved = time.monotonic()
 
     batch: list[Event] = []
     batch_rejected: list[RejectedLine] = []
@@ -211,7 +203,7 @@ async def import_archive(
 
     async def flush() -> bool:
         """Commit the batch, then checkpoint; True when asked to stop."""
-        nonlocal batch, batch_rejected, last_saved
+        nonlocal batch, batch_rejected
         if batch:
             result = await store.ingest(
                 batch, IMPORT_SOURCE, now_ms(), record_changes=fire_handlers
@@ -227,17 +219,9 @@ async def import_archive(
         report.lines_done = batch_end
         report.batches += 1
         batch, batch_rejected = [], []
-        stopping = stop is not None and stop.is_set()
-        if on_batch is not None:
-            try:
-                on_batch(report.batches)
-            except KeyboardInterrupt:
-                stopping = True
-        if stopping or time.monotonic() - last_saved >= _CHECKPOINT_EVERY_S:
-            await store.set_meta(key, _checkpoint(report))
-            last_saved = time.monotonic()
-        if progress is not None:
-            progress(report.lines_done - report.resumed_at, report.total_lines - report.resumed_at)
+        stopping = job.batch_done()
+        await checkpoint.save(_checkpoint(report), force=stopping)
+        job.report(report.lines_done - report.resumed_at, report.total_lines - report.resumed_at)
         return stopping
 
     for number, line in _numbered_lines(path, skip=report.lines_done):
@@ -255,21 +239,19 @@ async def import_archive(
             # A stop asked for during the last batch has nothing left to stop: the file
             # is in, so it counts as complete.
             await flush()
-        await store.set_meta(key, None)  # done: a later import of this file starts over
+        await checkpoint.clear()  # done: a later import of this file starts over
     report.elapsed_s = time.monotonic() - started
     return report
 
 
-def _checkpoint(report: ImportReport) -> str:
-    return orjson.dumps(
-        {
-            "path": report.path,
-            "lines": report.lines_done,
-            "accepted": report.accepted,
-            "duplicates": report.duplicates,
-            "rejected": report.rejected_count,
-        }
-    ).decode()
+def _checkpoint(report: ImportReport) -> dict[str, Any]:
+    return {
+        "path": report.path,
+        "lines": report.lines_done,
+        "accepted": report.accepted,
+        "duplicates": report.duplicates,
+        "rejected": report.rejected_count,
+    }
 
 
 def _restore(report: ImportReport, saved: dict[str, Any]) -> None:
@@ -308,7 +290,7 @@ def _count_lines(path: Path) -> int:
 
 
 async def export_archive(
-    store: Store,
+    store: HistoryStore,
     out: IO[bytes],
     *,
     since_ms: int | None = None,
@@ -316,23 +298,21 @@ async def export_archive(
     task_id: str | None = None,
     sign_secret: bytes | None = None,
     page_size: int = 1000,
-    progress: Progress | None = None,
-    stop: asyncio.Event | None = None,
-    on_batch: BatchHook | None = None,
+    job: Job | None = None,
 ) -> ExportReport:
     """Write the history (in arrival order) to ``out`` as archive lines. ``since_ms`` and
     ``until_ms`` bound the event's ``createdAt``, both inclusive. Progress is counted in
     history entries read, out of the store's event count (unknown with ``task_id``)."""
     started = time.monotonic()
+    job = job or Job()
     report = ExportReport()
     total = None if task_id is not None else (await store.stats()).events
-    seq = pages = 0
+    seq = 0
     while True:
         entries = await store.history_after(seq, page_size, task_id=task_id)
         if not entries:
             break
         seq = entries[-1].seq
-        pages += 1
         report.scanned += len(entries)
         chunk = [
             archive_line(entry, sign_secret)
@@ -342,15 +322,8 @@ async def export_archive(
         ]
         out.write(b"".join(chunk))
         report.written += len(chunk)
-        if progress is not None:
-            progress(report.scanned, max(total, report.scanned) if total is not None else None)
-        stopping = stop is not None and stop.is_set()
-        if on_batch is not None:
-            try:
-                on_batch(pages)
-            except KeyboardInterrupt:
-                stopping = True
-        if stopping:
+        job.report(report.scanned, max(total, report.scanned) if total is not None else None)
+        if job.batch_done():
             report.interrupted = True
             break
     out.flush()

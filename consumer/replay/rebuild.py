@@ -23,7 +23,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -34,7 +34,17 @@ from consumer.core.plan import plan_batch
 from consumer.core.times import now_ms
 from consumer.dispatch.dispatcher import call_with_retries
 from consumer.dispatch.subscription import Subscription
-from consumer.store.base import Delivery, DeliveryStatus, HistoryEntry, Store
+from consumer.replay.job import Checkpoint, Job
+from consumer.store.base import (
+    Delivery,
+    DeliveryStatus,
+    HistoryEntry,
+    HistoryStore,
+    MetaStore,
+    OutboxStore,
+    RebuildStore,
+    ViewStore,
+)
 
 __all__ = [
     "Interrupted",
@@ -48,9 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int | None], None]
-"""``progress(done, total)``; total may be unknown (None)."""
 
 
 class Interrupted(Exception):
@@ -89,19 +96,28 @@ def _fold_task(events: Sequence[Event]) -> TaskState | None:
     return plan_batch(events, (), {}, record_changes=False).states.get(str(events[0].task_id))
 
 
+class RebuildingStore(HistoryStore, ViewStore, RebuildStore, MetaStore, Protocol):
+    """What a rebuild needs: the history to fold, the view to compare with or replace,
+    and a checkpoint."""
+
+
 async def rebuild(
-    store: Store,
+    store: RebuildingStore,
     *,
     check: bool = False,
     batch_tasks: int = 500,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    job: Job | None = None,
 ) -> RebuildReport:
+    """Fold every task's history into a staged view and swap it in (``check``: compare
+    with the live view instead). A long job: each batch of ``batch_tasks`` tasks is one
+    step; stopped, it raises :class:`Interrupted` with its checkpoint saved."""
+    job = job or Job()
     report = RebuildReport()
     stats = await store.stats()
-    saved = None if check else await store.get_meta("rebuild")
-    if saved:
-        point = orjson.loads(saved)
+    # Saved after every batch (every_s=0): a batch of tasks is a long step already.
+    checkpoint = Checkpoint(store, "rebuild", every_s=0)
+    point = None if check else await checkpoint.load()
+    if point:
         upto, after, report.tasks = int(point["upto"]), point["after"], int(point["tasks"])
         report.resumed = True
     else:
@@ -124,23 +140,19 @@ async def rebuild(
         report.tasks += len(states)
         after = ids[-1]
         if not check:
-            await store.set_meta(
-                "rebuild",
-                orjson.dumps({"upto": upto, "after": after, "tasks": report.tasks}).decode(),
-            )
-        if progress is not None:
-            progress(report.tasks, stats.tasks)
-        if should_stop is not None and should_stop():
+            await checkpoint.save({"upto": upto, "after": after, "tasks": report.tasks})
+        job.report(report.tasks, stats.tasks)
+        if job.batch_done():
             raise Interrupted(f"rebuild stopped after {report.tasks} tasks")
     if check:
         report.extra = max(0, stats.tasks - (report.tasks - len(report.missing)))
     else:
         await store.swap_rebuilt(upto)
-        await store.set_meta("rebuild", None)
+        await checkpoint.clear()
     return report
 
 
-async def _compare(store: Store, states: dict[str, TaskState], report: RebuildReport) -> None:
+async def _compare(store: ViewStore, states: dict[str, TaskState], report: RebuildReport) -> None:
     for task_id, state in states.items():
         live = await store.get_task(task_id)
         if live is None:
@@ -182,7 +194,7 @@ class ReplayChange:
 
 
 async def replay_changes(
-    store: Store,
+    store: HistoryStore,
     *,
     since: int | float,
     until: int | float | None = None,
@@ -237,20 +249,27 @@ class ReplayReport:
     resumed_from: int = 0
 
 
+class ReplayStore(OutboxStore, MetaStore, Protocol):
+    """What replaying handlers needs: the outbox (live seqs, delivery records) and a
+    checkpoint."""
+
+
 async def replay_handlers(
-    store: Store,
+    store: ReplayStore,
     subscriptions: Sequence[Subscription],
     changes: Sequence[ReplayChange],
     *,
     run_key: str,
-    progress: Progress | None = None,
-    should_stop: Callable[[], bool] | None = None,
+    job: Job | None = None,
     call: Callable[[Subscription, PhaseChange], Awaitable[None]] | None = None,
 ) -> ReplayReport:
-    """Deliver ``changes`` to each subscription (in order), recorded as replays."""
+    """Deliver ``changes`` to each subscription (in order), recorded as replays. A long
+    job: each change is one step; stopped, it raises :class:`Interrupted` with its
+    checkpoint saved."""
+    job = job or Job()
     report = ReplayReport(changes=len(changes))
-    checkpoint_key = f"replay-handlers:{run_key}"
-    saved = await store.get_meta(checkpoint_key)
+    checkpoint = Checkpoint(store, f"replay-handlers:{run_key}", every_s=0)
+    saved = await checkpoint.load()
     start = int(saved) if saved else 0
     report.resumed_from = start
     live_seqs = await _live_seqs(store, changes)
@@ -287,17 +306,16 @@ async def replay_handlers(
                 report.delivered += 1
             else:
                 report.dead += 1
-        await store.set_meta(checkpoint_key, str(index + 1))
-        if progress is not None:
-            progress(index + 1, len(changes))
-        if should_stop is not None and should_stop() and index + 1 < len(changes):
+        await checkpoint.save(index + 1)
+        job.report(index + 1, len(changes))
+        if job.batch_done() and index + 1 < len(changes):
             raise Interrupted(f"replay stopped after {index + 1} of {len(changes)} changes")
-    await store.set_meta(checkpoint_key, None)
+    await checkpoint.clear()
     return report
 
 
 async def _live_seqs(
-    store: Store, changes: Sequence[ReplayChange]
+    store: OutboxStore, changes: Sequence[ReplayChange]
 ) -> dict[tuple[str, str, str], int]:
     seqs: dict[tuple[str, str, str], int] = {}
     for task_id in {c.task_id for c in changes}:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from consumer.core.codec import decode
+from consumer.replay.job import Job
 from consumer.replay.rebuild import Interrupted, rebuild
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
@@ -75,15 +76,13 @@ async def test_rebuild_equals_live_view_then_repairs_corruption(store: SQLiteSto
 
 async def test_interrupted_rebuild_resumes_and_keeps_late_events(store: SQLiteStore) -> None:
     await ingest_messy(store)
-    calls = 0
 
-    def stop_once() -> bool:
-        nonlocal calls
-        calls += 1
-        return calls == 2
+    def stop_after_two(batches: int) -> None:
+        if batches == 2:
+            raise KeyboardInterrupt  # as Ctrl-C would
 
     with pytest.raises(Interrupted):
-        await rebuild(store, batch_tasks=100, should_stop=stop_once)
+        await rebuild(store, batch_tasks=100, job=Job(on_batch=stop_after_two))
     assert await view(store) == expected_tasks("messy")  # the live view is untouched
 
     # While it was stopped, new events arrived: a new task and a newer snapshot of an old one.

@@ -13,6 +13,7 @@ from consumer.core.change import PhaseChange
 from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.subscription import Subscription
+from consumer.replay.job import Job
 from consumer.replay.rebuild import Interrupted, replay_changes, replay_handlers, run_key
 from consumer.store.base import DeliveryStatus
 from consumer.store.sqlite.store import SQLiteStore
@@ -100,8 +101,13 @@ async def test_interrupted_replay_resumes_where_it_was(store: SQLiteStore) -> No
 
     sub = Subscription(name="h", fn=handler)
     key = run_key(since=0, handler="h")
+
+    def stop_at_7(changes: int) -> None:
+        if len(seen) >= 7:
+            raise KeyboardInterrupt  # as Ctrl-C would
+
     with pytest.raises(Interrupted):
-        await replay_handlers(store, [sub], window, run_key=key, should_stop=lambda: len(seen) >= 7)
+        await replay_handlers(store, [sub], window, run_key=key, job=Job(on_batch=stop_at_7))
     report = await replay_handlers(store, [sub], window, run_key=key)
     assert report.resumed_from == 7
     assert seen == [(c.task_id, c.event_id) for c in window]  # each once, in order

@@ -15,7 +15,8 @@ import pytest
 
 from consumer.cli import replay as cli_replay
 from consumer.core.signature import verify
-from consumer.replay.archive import BatchHook, checkpoint_key, import_archive
+from consumer.replay.archive import checkpoint_key, import_archive
+from consumer.replay.job import BatchHook
 from consumer.store.sqlite.store import SQLiteStore
 from tests.replay.support import contents, meta, parse, sqlite_settings
 from tests.support import FIXTURE_SECRET, FIXTURES, deliveries, expected_tasks

@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumer.cli import replay as cli_replay
+from consumer.replay.job import Job
 from consumer.sources.kafka.window import replay_checkpoint_key, replay_topics
 from consumer.store.sqlite.store import SQLiteStore
 from tests.kafka_fixtures import KafkaBroker
@@ -169,7 +170,7 @@ async def test_interrupted_replay_resumes_without_rereading(
             since,
             until,
             batch_size=3,
-            on_batch=interrupt_after_two,
+            job=Job(on_batch=interrupt_after_two),
         )
         assert first.interrupted and not first.resumed
         assert 0 < first.records < 20
@@ -187,7 +188,7 @@ async def test_interrupted_replay_resumes_without_rereading(
             store,
             since,
             until,
-            on_batch=seen.append,
+            job=Job(on_batch=seen.append),
         )
         assert second.resumed and not second.interrupted
         # Exactly the rest: nothing of the first run was read again.

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -19,17 +17,23 @@ from aiokafka.errors import KafkaError
 from consumer.core.backoff import Backoff, Retries
 from consumer.core.codec import DecodeError, Event, decode
 from consumer.core.times import now_ms
+from consumer.replay.job import Checkpoint, Job
 from consumer.sources.kafka.options import KafkaConnection, client_options, partition_name
-from consumer.store.base import Store
+from consumer.store.base import IngestStore, MetaStore
 
-__all__ = ["REPLAY_SOURCE", "ReplayStats", "replay_checkpoint_key", "replay_topics"]
+__all__ = [
+    "REPLAY_SOURCE",
+    "ReplayStats",
+    "ReplayTarget",
+    "replay_checkpoint_key",
+    "replay_topics",
+]
 
 log = logging.getLogger(__name__)
 
 _tp_name = partition_name
 
 REPLAY_SOURCE = "kafka-replay"
-_REPLAY_CHECKPOINT_EVERY_S = 1.0  # bounds the re-reading after a hard kill
 _POISON_SAMPLES = 20  # poison records described in the stats; the count is always exact
 
 
@@ -64,17 +68,24 @@ def replay_checkpoint_key(topic: str, since_ms: int, until_ms: int | None) -> st
     return f"kafka-replay:{topic}:{since_ms}:{'-' if until_ms is None else until_ms}"
 
 
+class ReplayTarget(IngestStore, MetaStore, Protocol):
+    """What a Kafka replay needs of the store: to ingest, and to keep its checkpoint."""
+
+
+def _checkpoint(store: MetaStore, topic: str, since_ms: int, until_ms: int | None) -> Checkpoint:
+    # Saved at most once a second: bounds the re-reading after a hard kill.
+    return Checkpoint(store, replay_checkpoint_key(topic, since_ms, until_ms), every_s=1.0)
+
+
 async def replay_topics(
     connection: KafkaConnection,
     topics: Sequence[str],
-    store: Store,
+    store: ReplayTarget,
     since_ms: int,
     until_ms: int | None = None,
     *,
-    progress: Callable[[int, int | None], None] | None = None,
     batch_size: int = 2000,
-    stop: asyncio.Event | None = None,
-    on_batch: Callable[[int], None] | None = None,
+    job: Job | None = None,
     fire_handlers: bool = False,
 ) -> ReplayStats:
     """Fold the records of ``topics`` (default: the configured ones) whose timestamp is in
@@ -96,8 +107,8 @@ async def replay_topics(
     After each committed batch (at most once a second, and always when stopped) the next
     offset of every partition is saved in the store's meta table, per topic and window; a
     re-run with the same window resumes from there, and the note is deleted when done.
-    ``stop`` (or ``KeyboardInterrupt`` raised by ``on_batch``) ends the run after the batch
-    in flight. Progress is counted in offsets.
+    A long job (:mod:`consumer.replay.job`): stopping ends the run after the batch in
+    flight. Progress is counted in offsets.
     """
     if since_ms < 0:
         raise ValueError("since must not be before 1970 (offsets_for_times takes ms >= 0)")
@@ -123,7 +134,7 @@ async def replay_topics(
         spans, stats = await _replay_plan(consumer, store, partitions, since_ms, until_ms)
         replay = _Replay(consumer, store, spans, stats, (since_ms, until_ms))
         replay.fire_handlers = fire_handlers
-        await replay.run(limit, progress, stop, on_batch)
+        await replay.run(limit, job or Job())
     finally:
         await consumer.stop()
     return stats
@@ -153,7 +164,7 @@ async def _partitions(connection: KafkaConnection, topics: Sequence[str]) -> lis
 
 async def _replay_plan(
     consumer: AIOKafkaConsumer,
-    store: Store,
+    store: ReplayTarget,
     partitions: list[TopicPartition],
     since_ms: int,
     until_ms: int | None,
@@ -162,8 +173,8 @@ async def _replay_plan(
     ends: dict[TopicPartition, int] = await consumer.end_offsets(partitions)
     saved: dict[str, dict[str, Any]] = {}
     for topic in topics:
-        note = await store.get_meta(replay_checkpoint_key(topic, since_ms, until_ms))
-        saved[topic] = orjson.loads(note) if note is not None else {}
+        note = await _checkpoint(store, topic, since_ms, until_ms).load()
+        saved[topic] = note or {}
     stats = ReplayStats(partitions=len(partitions), resumed=any(saved.values()))
     lookup = {tp: since_ms for tp in partitions if str(tp.partition) not in saved[tp.topic]}
     found: dict[TopicPartition, Any] = await consumer.offsets_for_times(lookup) if lookup else {}
@@ -187,7 +198,7 @@ class _Replay:
     def __init__(
         self,
         consumer: AIOKafkaConsumer,
-        store: Store,
+        store: ReplayTarget,
         spans: dict[TopicPartition, _Span],
         stats: ReplayStats,
         window: tuple[int, int | None],
@@ -200,42 +211,30 @@ class _Replay:
         self.active = [tp for tp, span in spans.items() if not span.done]
         self._counted = [spans[tp] for tp in self.active]  # the progress is over these
         self.total = sum(s.end - s.first for s in self._counted)
-        self._saved_at = time.monotonic()
+        self._checkpoints = {
+            topic: _checkpoint(store, topic, self.since_ms, self.until_ms)
+            for topic in {tp.topic for tp in spans}
+        }
         self._fetches = Retries(Backoff(0.1, 5.0))
         self.fire_handlers = False
 
-    async def run(
-        self,
-        limit: int,
-        progress: Callable[[int, int | None], None] | None,
-        stop: asyncio.Event | None,
-        on_batch: Callable[[int], None] | None,
-    ) -> None:
-        if progress is not None:
-            progress(0, self.total)
+    async def run(self, limit: int, job: Job) -> None:
+        job.report(0, self.total)
         if self.active:
             self.consumer.assign(self.active)
             for tp in self.active:
                 self.consumer.seek(tp, self.spans[tp].next)
         while self.active:
             fetched = await self._step(limit)
-            stopping = stop is not None and stop.is_set()
-            if on_batch is not None and fetched:
-                try:
-                    on_batch(self.stats.batches)
-                except KeyboardInterrupt:
-                    stopping = True
-            if progress is not None:
-                progress(self.done(), self.total)
+            stopping = job.batch_done() if fetched else job.stopping
+            job.report(self.done(), self.total)
             if stopping and self.active:
                 self.stats.interrupted = True
-                await self.save()
+                await self.save(force=True)
                 return
-            if time.monotonic() - self._saved_at >= _REPLAY_CHECKPOINT_EVERY_S:
-                await self.save()
-        for topic in {tp.topic for tp in self.spans}:
-            key = replay_checkpoint_key(topic, self.since_ms, self.until_ms)
-            await self.store.set_meta(key, None)
+            await self.save()
+        for checkpoint in self._checkpoints.values():
+            await checkpoint.clear()
 
     async def _step(self, limit: int) -> bool:
         """Fetch once and commit what is in the window; False when nothing came back."""
@@ -273,7 +272,7 @@ class _Replay:
         as read to its end, so the rate and ETA stay honest."""
         return sum((s.end if s.done else s.next) - s.first for s in self._counted)
 
-    async def save(self) -> None:
+    async def save(self, *, force: bool = False) -> None:
         by_topic: dict[str, dict[str, dict[str, Any]]] = {}
         for tp, span in self.spans.items():
             by_topic.setdefault(tp.topic, {})[str(tp.partition)] = {
@@ -281,9 +280,7 @@ class _Replay:
                 "done": span.done,
             }
         for topic, marks in by_topic.items():
-            key = replay_checkpoint_key(topic, self.since_ms, self.until_ms)
-            await self.store.set_meta(key, orjson.dumps(marks).decode())
-        self._saved_at = time.monotonic()
+            await self._checkpoints[topic].save(marks, force=force)
 
 
 def _replay_batch(
