@@ -14,7 +14,7 @@ import pytest
 
 from consumer.core.secrets import redact
 from tests.process.service_proc import ServiceProcess
-from tests.support import Delivery, deliveries, expected_changes, expected_tasks
+from tests.support import Delivery, deliveries, expected_changes, expected_tasks, wait_until
 
 pytestmark = pytest.mark.slow
 ENV = {"PHASEWATCH_WEBHOOK_SECRET": "whsec_fixture", "PHASEWATCH_WEBHOOK_TOLERANCE_S": "0"}
@@ -53,6 +53,10 @@ async def fetch(url: str, path: str) -> Any:
         return await r.json()
 
 
+async def no_pending_changes(url: str) -> bool:
+    return bool((await fetch(url, "/readyz"))["pendingChanges"] == 0)
+
+
 @pytest.mark.parametrize("writer", ["thread", "process"])
 async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path, writer: str) -> None:
     stream = list(deliveries("messy"))
@@ -60,11 +64,16 @@ async def test_sigkill_mid_stream_then_resend_unacknowledged(tmp_path: Path, wri
     db = tmp_path / "crash.db"
     env = {**ENV, "PHASEWATCH_SQLITE_WRITER": writer}
     service = ServiceProcess(db, env).start()
+    # A good part of the stream, whatever the fixture's size: a quarter of its events.
+    kill_at = max(1, len({d.doc["id"] for d in stream}) // 4)
 
     async def killer() -> None:
-        # Let a good part of the stream in, then pull the plug with requests in flight.
-        while (await fetch(service.url, "/readyz"))["events"] < 1200:
-            await asyncio.sleep(0.02)
+        # Let the stream in until the store shows that part, then pull the plug with
+        # requests in flight.
+        async def enough() -> bool:
+            return bool((await fetch(service.url, "/readyz"))["events"] >= kill_at)
+
+        await wait_until(enough, f"{kill_at} events stored before the kill", timeout=120)
         service.kill()
 
     acked, _ = await asyncio.gather(send_all(service.url, stream), killer())
@@ -105,10 +114,9 @@ async def test_changes_reach_handlers_after_a_crash(tmp_path: Path) -> None:
     service = ServiceProcess(db, env, port=service.port).start()
     try:
         assert len(await send_all(service.url, stream[half:], concurrency=1)) == len(stream) - half
-        for _ in range(200):
-            if (await fetch(service.url, "/readyz"))["pendingChanges"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        await wait_until(
+            lambda: no_pending_changes(service.url), "every change delivered", timeout=60
+        )
         delivered = {orjson.loads(x)[0] for x in record.read_bytes().splitlines()}
         histories = [
             await fetch(service.url, f"/tasks/{t}/history") for t in expected_tasks("small")
