@@ -85,7 +85,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(asyncio.run(child(args.db, args.child == "check"))))
         return
-    from consumer.store.sqlite.store import SCHEMA_VERSION
+    from consumer.store.sqlite.schema import SCHEMA_VERSION
 
     # Keyed by schema: a database of another schema is refused at open.
     db = REPO / "bench" / "results" / f"rebuild-{args.events}-schema{SCHEMA_VERSION}.db"

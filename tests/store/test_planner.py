@@ -19,7 +19,9 @@ from consumer.core.codec import decode
 from consumer.core.plan import Outcome
 from consumer.store.sqlite.planner import Loaded, Planned, Planner, write_planned
 from consumer.store.sqlite.process import SQLiteProcessStore
-from consumer.store.sqlite.store import Rows, SQLiteStore, begin_immediate, read_for_planning
+from consumer.store.sqlite.rows import Rows, read_for_planning
+from consumer.store.sqlite.schema import begin_immediate
+from consumer.store.sqlite.store import SQLiteStore
 from tests.conftest import PlannedProcessStore
 from tests.support import deliveries, snapshot, webhook_body
 

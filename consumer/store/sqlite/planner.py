@@ -39,13 +39,7 @@ from consumer.core.codec import Event
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, NewChange, Outcome, decode_keys, plan_batch
 from consumer.store.base import IngestResult, Rejected, decode_all, with_rejections
-from consumer.store.sqlite.store import (
-    Rows,
-    known_events,
-    plan_rows,
-    read_current,
-    write_rows,
-)
+from consumer.store.sqlite.rows import Rows, known_events, plan_rows, read_current, write_rows
 
 __all__ = ["Loaded", "Plan", "Planned", "Planner", "write_planned"]
 

@@ -61,7 +61,9 @@ from consumer.store.base import (
 )
 from consumer.store.sqlite.collector import tune_for_batches
 from consumer.store.sqlite.planner import Loaded, Planned, Planner, write_planned
-from consumer.store.sqlite.store import SQLiteStore, Synchronous, begin_immediate, read_for_planning
+from consumer.store.sqlite.rows import read_for_planning
+from consumer.store.sqlite.schema import begin_immediate
+from consumer.store.sqlite.store import SQLiteStore, Synchronous
 
 __all__ = ["SQLiteProcessStore"]
 

@@ -1,5 +1,6 @@
-"""SQLite :class:`~consumer.store.Store`: the embedded default. The only module that
-speaks SQLite.
+"""SQLite :class:`~consumer.store.base.Store`: the embedded default. With
+:mod:`~consumer.store.sqlite.rows` and :mod:`~consumer.store.sqlite.schema`, the only
+code that speaks SQLite.
 
 One file, WAL journal. Writes run on one dedicated thread with its own connection, so
 the event loop never blocks on disk and batches commit one after another; reads run on a
@@ -18,19 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
 from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
-from consumer.core.plan import BatchPlan, DedupKey, decode_keys, dedup_key, encode_keys, plan_batch
+from consumer.core.plan import decode_keys, dedup_key, plan_batch
 from consumer.store.base import (
     Cursor,
     Delivery,
@@ -44,141 +43,20 @@ from consumer.store.base import (
     TaskQuery,
     ingest_decoded,
 )
+from consumer.store.sqlite.rows import (
+    known_events,
+    plan_rows,
+    read_current,
+    select_in,
+    task_row,
+    write_rows,
+)
+from consumer.store.sqlite.schema import CHUNK, SCHEMA, SCHEMA_VERSION, begin_immediate
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "Current",
-    "Rows",
-    "SQLiteStore",
-    "begin_immediate",
-    "known_events",
-    "plan_rows",
-    "read_current",
-    "read_for_planning",
-    "write_rows",
-]
+__all__ = ["SQLiteStore", "Synchronous", "path_from_url"]
 
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
-
-SCHEMA_VERSION = 2
-
-# Locality is the performance story here. Task ids and event ids are random strings; an
-# index keyed on them takes each batch's inserts on as many random leaf pages, and every
-# dirtied page is written whole to the WAL at commit (and again at checkpoint), so writes
-# grew with the database. Each task therefore gets a local number (``tasks.no``) at first
-# sight: tasks alive together have neighbouring numbers, and the history and outbox are
-# indexed by it, so a batch's index inserts land on a few pages at the tail. Only the
-# first event of a task touches a random index (``task_numbers.id``). The numbers belong
-# to the history, not to the view, so a rebuild can repair a view that lost rows.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id    TEXT    NOT NULL,
-    task_no     INTEGER,
-    task_id     TEXT,
-    kind        TEXT    NOT NULL,
-    format      TEXT    NOT NULL,
-    source      TEXT    NOT NULL,
-    received_at INTEGER NOT NULL,
-    created_at  NUMERIC NOT NULL,
-    updated_at  NUMERIC,
-    raw         BLOB    NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_task ON events (task_no, event_id)
-    WHERE task_no IS NOT NULL;
-CREATE UNIQUE INDEX IF NOT EXISTS events_untasked ON events (event_id) WHERE task_no IS NULL;
-CREATE TABLE IF NOT EXISTS task_numbers (
-    no INTEGER PRIMARY KEY,
-    id TEXT    NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS tasks (
-    no         INTEGER PRIMARY KEY,
-    id         TEXT    NOT NULL,
-    type       TEXT,
-    phase      TEXT    NOT NULL,
-    updated_at NUMERIC NOT NULL,
-    version    INTEGER NOT NULL,
-    doc        BLOB    NOT NULL,
-    keys       BLOB    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS tasks_by_updated ON tasks (updated_at, id);
-CREATE INDEX IF NOT EXISTS tasks_by_phase ON tasks (phase, updated_at, id);
-CREATE TABLE IF NOT EXISTS changes (
-    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
-    task_no        INTEGER NOT NULL,
-    task_id        TEXT    NOT NULL,
-    event_id       TEXT    NOT NULL,
-    previous_phase TEXT,
-    phase          TEXT    NOT NULL,
-    changed_at     NUMERIC NOT NULL,
-    recorded_at    INTEGER NOT NULL,
-    task           BLOB    NOT NULL,
-    kind           TEXT    NOT NULL DEFAULT 'phase'
-);
-CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_no, seq);
-CREATE TABLE IF NOT EXISTS deliveries (
-    handler          TEXT    NOT NULL,
-    seq              INTEGER NOT NULL,
-    replay           INTEGER NOT NULL,
-    status           TEXT    NOT NULL,
-    attempts         INTEGER NOT NULL,
-    first_attempt_at INTEGER NOT NULL,
-    last_attempt_at  INTEGER NOT NULL,
-    error            TEXT,
-    PRIMARY KEY (handler, seq, replay)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_attention ON deliveries (status, seq)
-    WHERE status IN ('dead', 'redrive', 'failing');
-CREATE TABLE IF NOT EXISTS tasks_rebuild (
-    no         INTEGER PRIMARY KEY,
-    id         TEXT    NOT NULL UNIQUE,
-    type       TEXT,
-    phase      TEXT    NOT NULL,
-    updated_at NUMERIC NOT NULL,
-    doc        BLOB    NOT NULL,
-    keys       BLOB    NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (
-    handler TEXT    PRIMARY KEY,
-    seq     INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS leases (
-    name       TEXT    PRIMARY KEY,
-    owner      TEXT    NOT NULL,
-    expires_at INTEGER NOT NULL
-);
-"""
-
-_CHUNK = 500  # stays far below SQLite's bound-parameter limit
-
-
-_LOCK_WAIT_S = 10.0
-
-
-def begin_immediate(con: sqlite3.Connection) -> None:
-    """Start a write transaction, waiting up to 10 s for another writer to finish.
-
-    Not SQLite's busy timeout: its handler sleeps 1, 2, 5, 10 ... up to 100 ms between
-    tries, so a writer that finds the lock taken by a busy neighbour (the service's
-    writer process, a CLI import) often sleeps long after it was released. Delivery
-    records waited hundreds of milliseconds behind the writer process that way. Here
-    the waits stay under 2 ms."""
-    deadline = time.monotonic() + _LOCK_WAIT_S
-    delay = 0.0001
-    while True:
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.002)
 
 
 def path_from_url(url: str) -> Path:
@@ -251,7 +129,7 @@ class SQLiteStore:
                 f" {SCHEMA_VERSION}: export its history with the phasewatch that wrote it"
                 " (phasewatch export -o FILE), then import FILE into a new database"
             )
-        con.executescript(_SCHEMA)
+        con.executescript(SCHEMA)
         con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
@@ -490,8 +368,8 @@ class SQLiteStore:
                 " AND seq <= ?"
             )
             out: list[Any] = []
-            for start in range(0, len(task_ids), _CHUNK):
-                chunk = list(task_ids[start : start + _CHUNK])
+            for start in range(0, len(task_ids), CHUNK):
+                chunk = list(task_ids[start : start + CHUNK])
                 marks = ",".join("?" * len(chunk))
                 out.extend(self._r().execute(sql.format(marks), [*chunk, upto_seq]).fetchall())
             return out
@@ -505,7 +383,7 @@ class SQLiteStore:
         return entries
 
     async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
-        rows = [_task_row(task_id, s) for task_id, s in states.items()]
+        rows = [task_row(task_id, s) for task_id, s in states.items()]
         await self._write(
             lambda con: con.executemany(
                 _STAGE_REBUILT,
@@ -527,14 +405,14 @@ class SQLiteStore:
             touched = list({e.task_id for e in late if e.task_id is not None})
             staged = {
                 task_id: TaskState(orjson.loads(doc), decode_keys(keys))
-                for task_id, doc, keys in _select_in(
+                for task_id, doc, keys in select_in(
                     con, "SELECT id, doc, keys FROM tasks_rebuild WHERE id IN ({})", touched
                 )
             }
             plan = plan_batch(late, (), staged)
             con.executemany(
                 _STAGE_REBUILT,
-                [_task_row(task_id, s) for task_id, s in plan.states.items()],
+                [task_row(task_id, s) for task_id, s in plan.states.items()],
             )
             con.execute("DELETE FROM tasks WHERE no NOT IN (SELECT no FROM tasks_rebuild)")
             con.execute(
@@ -586,7 +464,7 @@ class SQLiteStore:
 
     async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]:
         def run() -> list[Any]:
-            return _select_in(self._r(), f"{_CHANGE_COLUMNS} WHERE seq IN ({{}})", list(seqs))
+            return select_in(self._r(), f"{_CHANGE_COLUMNS} WHERE seq IN ({{}})", list(seqs))
 
         rows = await self._run(self._reader, run)
         return sorted((_change(row) for row in rows), key=lambda c: c.seq)
@@ -602,8 +480,8 @@ class SQLiteStore:
             sql = f"{_DELIVERY_COLUMNS} WHERE handler = ? AND replay = ? AND seq IN ({{}})"
             out: list[Any] = []
             values = list(seqs)
-            for start in range(0, len(values), _CHUNK):
-                chunk = values[start : start + _CHUNK]
+            for start in range(0, len(values), CHUNK):
+                chunk = values[start : start + CHUNK]
                 marks = ",".join("?" * len(chunk))
                 out.extend(
                     self._r().execute(sql.format(marks), [handler, int(replay), *chunk]).fetchall()
@@ -666,273 +544,3 @@ def _change(row: Any) -> ChangeRecord:
     return ChangeRecord(
         seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task), kind
     )
-
-
-@dataclass(slots=True)
-class Current:
-    """A task as the write transaction finds it: its number, and its view row (None when
-    the view has no row: a rebuild repairs a lost one)."""
-
-    no: int
-    doc: bytes | None
-    keys: bytes | None
-    version: int
-
-
-def read_current(con: sqlite3.Connection, task_ids: Iterable[str]) -> dict[str, Current]:
-    """The numbered tasks among ``task_ids`` (a task with no number has no history)."""
-    return {
-        task_id: Current(no, doc, keys, version or 0)
-        for no, task_id, doc, keys, version in _select_in(
-            con,
-            "SELECT n.no, n.id, t.doc, t.keys, t.version FROM task_numbers AS n"
-            " LEFT JOIN tasks AS t ON t.no = n.no WHERE n.id IN ({})",
-            list(task_ids),
-        )
-    }
-
-
-class EventRow(NamedTuple):
-    """A new history row, before it is given its task number."""
-
-    event_id: str
-    task_id: str | None
-    kind: str
-    format: str
-    created_at: int | float
-    updated_at: int | float | None
-    raw: bytes
-
-
-class TaskRow(NamedTuple):
-    """A view row to write. ``bumped``: the materialized task changed (version + 1)."""
-
-    task_id: str
-    type: str | None
-    phase: str
-    updated_at: int | float
-    doc: bytes
-    keys: bytes
-    bumped: bool
-
-
-class ChangeRow(NamedTuple):
-    """An outbox row; its seq follows the store's last one, in order."""
-
-    task_id: str
-    event_id: str
-    previous_phase: str | None
-    phase: str
-    changed_at: int | float
-    task: bytes  # the materialized task right after the change, as JSON
-    kind: str
-
-
-@dataclass(slots=True)
-class Rows:
-    """A planned batch as the rows it writes: named tuples of plain values, so that a
-    batch planned in one process can be written by another."""
-
-    events: list[EventRow]
-    tasks: list[TaskRow]
-    changes: list[ChangeRow]
-
-
-def plan_rows(plan: BatchPlan) -> Rows:
-    """The rows that write ``plan``. Pure."""
-    return Rows(
-        [
-            EventRow(e.id, e.task_id, e.kind, e.format.value, e.created_at, e.updated_at, e.raw)
-            for e in plan.new_events
-        ],
-        [
-            TaskRow(*_task_row(task_id, s), task_id in plan.versions_bumped)
-            for task_id, s in plan.states.items()
-        ],
-        [
-            ChangeRow(
-                c.task_id,
-                c.event_id,
-                c.previous_phase,
-                c.phase,
-                c.changed_at,
-                orjson.dumps(c.task),
-                c.kind,
-            )
-            for c in plan.changes
-        ],
-    )
-
-
-def write_rows(
-    con: sqlite3.Connection,
-    rows: Rows,
-    current: Mapping[str, Current],
-    source: str,
-    received_at: int,
-) -> int:
-    """Write a planned batch inside the caller's transaction; ``current`` holds at least
-    the numbered tasks among those the rows touch. Returns the outbox seq the batch's
-    changes follow (the first is that plus one)."""
-    numbers = {task_id: c.no for task_id, c in current.items()}
-    new_tasks = [row.task_id for row in rows.tasks if row.task_id not in numbers]
-    if new_tasks:
-        # We hold the write lock: the next numbers are ours to hand out.
-        (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
-        fresh = list(zip(range(top + 1, top + 1 + len(new_tasks)), new_tasks, strict=True))
-        con.executemany("INSERT INTO task_numbers (no, id) VALUES (?, ?)", fresh)
-        numbers.update((task_id, no) for no, task_id in fresh)
-    con.executemany(
-        "INSERT INTO events (event_id, task_no, task_id, kind, format, source, received_at,"
-        " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (
-                event_id,
-                None if task_id is None else numbers[task_id],
-                task_id,
-                kind,
-                fmt,
-                source,
-                received_at,
-                created_at,
-                updated_at,
-                raw,
-            )
-            for event_id, task_id, kind, fmt, created_at, updated_at, raw in rows.events
-        ],
-    )
-    con.executemany(
-        "INSERT INTO tasks (no, id, type, phase, updated_at, doc, keys, version)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (no) DO UPDATE SET type = excluded.type,"
-        " phase = excluded.phase, updated_at = excluded.updated_at,"
-        " version = excluded.version, doc = excluded.doc, keys = excluded.keys",
-        [
-            (
-                numbers[task_id],
-                task_id,
-                task_type,
-                phase,
-                updated_at,
-                doc,
-                keys,
-                (c.version if (c := current.get(task_id)) is not None else 0) + bumped,
-            )
-            for task_id, task_type, phase, updated_at, doc, keys, bumped in rows.tasks
-        ],
-    )
-    row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
-    base: int = row[0] if row else 0
-    if rows.changes:
-        # Explicit seqs let one executemany replace a RETURNING round trip per change.
-        con.executemany(
-            "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
-            " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    seq,
-                    numbers[task_id],
-                    task_id,
-                    event_id,
-                    previous,
-                    phase,
-                    changed_at,
-                    received_at,
-                    task,
-                    kind,
-                )
-                for seq, (task_id, event_id, previous, phase, changed_at, task, kind) in enumerate(
-                    rows.changes, start=base + 1
-                )
-            ],
-        )
-    return base
-
-
-def read_for_planning(
-    con: sqlite3.Connection, task_ids: Sequence[str], untasked: Sequence[str]
-) -> tuple[dict[str, tuple[bytes | None, bytes | None, set[str]]], set[str]]:
-    """For a planner (:mod:`consumer.store.sqlite.planner`), in one read transaction: the view
-    row and event ids of each of ``task_ids`` that has a history, and which of the
-    ``untasked`` event ids are stored."""
-    con.execute("BEGIN")
-    try:
-        current = read_current(con, task_ids)
-        tasks = {task_id: (c.doc, c.keys, set[str]()) for task_id, c in current.items()}
-        for task_id, event_id in _select_in(
-            con,
-            "SELECT n.id, e.event_id FROM task_numbers AS n JOIN events AS e"
-            " ON e.task_no = n.no WHERE n.id IN ({})",
-            list(current),
-        ):
-            tasks[task_id][2].add(event_id)
-        known = {
-            event_id
-            for (event_id,) in _select_in(
-                con,
-                "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})",
-                list(untasked),
-            )
-        }
-    finally:
-        con.execute("COMMIT")
-    return tasks, known
-
-
-def known_events(
-    con: sqlite3.Connection, keys: Iterable[DedupKey], numbers: Mapping[str, int]
-) -> list[DedupKey]:
-    """The keys among ``keys`` that the history already holds. A task not numbered yet
-    has no history, so only known tasks' events are looked up, by (task no, event id)."""
-    pairs: set[tuple[int, str]] = set()
-    untasked: set[str] = set()
-    for task_id, event_id in keys:
-        if task_id is None:
-            untasked.add(event_id)
-        elif (no := numbers.get(task_id)) is not None:
-            pairs.add((no, event_id))
-    ids = {no: task_id for task_id, no in numbers.items()}
-    known: list[DedupKey] = []
-    chunks = list(pairs)
-    for start in range(0, len(chunks), _CHUNK // 2):
-        chunk = chunks[start : start + _CHUNK // 2]
-        values = ",".join("(?, ?)" for _ in chunk)
-        found = con.execute(
-            f"SELECT e.task_no, e.event_id FROM (VALUES {values}) AS v"  # noqa: S608
-            " JOIN events AS e ON e.task_no = v.column1 AND e.event_id = v.column2",
-            [x for pair in chunk for x in pair],
-        ).fetchall()
-        known.extend((ids[no], event_id) for no, event_id in found)
-    known.extend(
-        (None, event_id)
-        for (event_id,) in _select_in(
-            con,
-            "SELECT event_id FROM events WHERE task_no IS NULL AND event_id IN ({})",
-            list(untasked),
-        )
-    )
-    return known
-
-
-def _select_in(con: sqlite3.Connection, sql: str, values: Sequence[str | int]) -> list[Any]:
-    rows: list[Any] = []
-    for start in range(0, len(values), _CHUNK):
-        chunk = values[start : start + _CHUNK]
-        rows.extend(con.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall())
-    return rows
-
-
-def _task_row(
-    task_id: str, state: TaskState
-) -> tuple[str, str | None, str, int | float, bytes, bytes]:
-    return (
-        task_id,
-        _text_or_none(state.task.get("type")),
-        state.phase,
-        state.updated_at,
-        orjson.dumps(state.task),
-        encode_keys(state.keys),
-    )
-
-
-def _text_or_none(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
