@@ -27,10 +27,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from consumer.core.change import ChangeRecord, PhaseChange
+from consumer.core.change import PhaseChange
 from consumer.core.codec import DecodeError, Event, decode
 from consumer.core.fold import TaskState, order_key
-from consumer.core.plan import plan_batch
+from consumer.core.plan import NewChange, plan_batch
 from consumer.core.times import now_ms
 from consumer.dispatch.dispatcher import call_with_retries
 from consumer.dispatch.subscription import Subscription
@@ -164,33 +164,8 @@ async def _compare(store: ViewStore, states: dict[str, TaskState], report: Rebui
 # ---------------------------------------------------------------- replay handlers
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayChange:
-    """A phase change as the ordered history has it."""
-
-    task_id: str
-    event_id: str
-    previous_phase: str | None
-    phase: str
-    changed_at: int | float
-    task: dict[str, Any]
-
-    @property
-    def key(self) -> tuple[Any, ...]:
-        return (self.changed_at, self.task_id, self.event_id)
-
-    def record(self, seq: int) -> ChangeRecord:
-        """This change as the outbox would hold it under ``seq`` (0: never recorded)."""
-        return ChangeRecord(
-            seq,
-            self.task_id,
-            self.event_id,
-            self.previous_phase,
-            self.phase,
-            self.changed_at,
-            0,
-            self.task,
-        )
+ReplayChange = NewChange
+"""A phase change as the ordered history has it: what the fold would record for it."""
 
 
 async def replay_changes(
@@ -212,7 +187,7 @@ async def replay_changes(
         if not ids:
             break
         by_task, _ = _fold_entries(await store.history_of_tasks(ids, upto))
-        for tid, events in by_task.items():
+        for events in by_task.values():
             # The live path's fold over the history in fold order: the changes as if every
             # snapshot had arrived in order.
             ordered = sorted(events, key=order_key)
@@ -223,20 +198,11 @@ async def replay_changes(
                     continue
                 if phases and moved.phase not in phases:
                     continue
-                found.append(
-                    ReplayChange(
-                        tid,
-                        moved.event_id,
-                        moved.previous_phase,
-                        moved.phase,
-                        moved.changed_at,
-                        moved.task,
-                    )
-                )
+                found.append(moved)
         if task_id is not None:
             break
         after = ids[-1]
-    found.sort(key=lambda c: c.key)
+    found.sort(key=lambda c: (c.changed_at, c.task_id, c.event_id))
     return found
 
 
@@ -283,7 +249,7 @@ async def replay_handlers(
     for index in range(start, len(changes)):
         c = changes[index]
         seq = live_seqs.get((c.task_id, c.event_id, c.phase)) or _synthetic_seq(c)
-        change = PhaseChange.from_record(c.record(seq), replay=True)
+        change = PhaseChange.from_record(c.recorded(seq, 0), replay=True)
         for sub in subscriptions:
             if not sub.matches(change):
                 report.skipped += 1
