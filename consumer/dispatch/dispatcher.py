@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import socket
 import time
 import uuid
@@ -480,14 +479,9 @@ async def call_with_retries(
             if sub.policy.gives_up(attempts, (now_ms() - first) / 1000):
                 return DeliveryStatus.DEAD, attempts, error
             await on_failure(attempts, error)
-            await asyncio.sleep(_backoff(sub.policy, attempts))
+            await asyncio.sleep(sub.policy.backoff.delay(attempts))
             continue
         return DeliveryStatus.DONE, attempts, None
-
-
-def _backoff(policy: DeliveryPolicy, attempts: int) -> float:
-    # Full jitter (AWS architecture blog): spreads retries of many failing deliveries.
-    return random.uniform(0, policy.backoff_ceiling(attempts))  # noqa: S311 - jitter, not crypto
 
 
 def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:

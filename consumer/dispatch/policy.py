@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import TypedDict, Unpack
 
+from consumer.core.backoff import Backoff
+
 __all__ = ["DeliveryPolicy", "PolicyOverrides"]
 
 
@@ -77,10 +79,11 @@ class DeliveryPolicy:
         seconds ago, is dead rather than retried."""
         return attempts >= self.max_attempts or age_s >= self.max_age_s
 
-    def backoff_ceiling(self, attempts: int) -> float:
-        """The longest wait after the ``attempts``-th failure; the dispatcher waits a
-        uniformly random time below it (full jitter, as in AWS's architecture blog)."""
-        return min(self.max_backoff_s, self.backoff_s * 2.0 ** (attempts - 1))
+    @property
+    def backoff(self) -> Backoff:
+        """The wait after each failed attempt: full jitter below a ceiling doubling from
+        ``backoff_s`` up to ``max_backoff_s`` (the rule every retry loop here follows)."""
+        return Backoff(initial_s=self.backoff_s, max_s=self.max_backoff_s)
 
 
 def _is_seconds(value: object) -> bool:

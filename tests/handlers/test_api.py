@@ -17,6 +17,7 @@ PUBLIC = [
     "Phase",
     "PhaseChange",
     "Subscription",
+    "Task",
     "TaskType",
     "from_settings",
     "http_notify",
@@ -36,6 +37,7 @@ def test_all_is_pinned() -> None:
 def test_reexports_are_consumers_own_objects() -> None:
     for name in ("Handler", "PermanentError", "Phase", "PhaseChange", "Subscription", "TaskType"):
         assert getattr(handlers, name) is getattr(consumer, name)
+    assert handlers.Task is consumer.Task
 
 
 def test_star_import_gives_exactly_the_public_names() -> None:
