@@ -44,8 +44,9 @@ from rich.text import Text
 from consumer.core.times import parse_time
 from consumer.dispatch.loading import load_subscriptions
 from consumer.replay.archive import export_archive, import_archive
-from consumer.replay.job import BatchHook, Job
-from consumer.replay.rebuild import Interrupted, rebuild, replay_changes, replay_handlers, run_key
+from consumer.replay.handlers import replay_changes, replay_handlers, run_key
+from consumer.replay.job import BatchHook, Interrupted, Job
+from consumer.replay.rebuild import rebuild
 from consumer.service import open_store
 from consumer.settings import Settings
 from consumer.sources.kafka.window import replay_topics

@@ -28,7 +28,7 @@ import orjson
 
 from consumer.store.base import MetaStore
 
-__all__ = ["BatchHook", "Checkpoint", "Job", "Progress"]
+__all__ = ["BatchHook", "Checkpoint", "Interrupted", "Job", "Progress"]
 
 Progress = Callable[[int, int | None], None]
 """``progress(done, total)``: units done so far in this run, and the total if known."""
@@ -36,6 +36,10 @@ Progress = Callable[[int, int | None], None]
 BatchHook = Callable[[int], None]
 """Called after each batch with the number of batches so far in this run. Raising
 ``KeyboardInterrupt`` from it stops the job as Ctrl-C does."""
+
+
+class Interrupted(Exception):
+    """Stopped on request; a checkpoint was saved and a re-run continues from it."""
 
 
 @dataclass

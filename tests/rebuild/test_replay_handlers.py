@@ -13,8 +13,8 @@ from consumer.core.change import PhaseChange
 from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.subscription import Subscription
+from consumer.replay.handlers import Interrupted, replay_changes, replay_handlers, run_key
 from consumer.replay.job import Job
-from consumer.replay.rebuild import Interrupted, replay_changes, replay_handlers, run_key
 from consumer.store.base import DeliveryStatus
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import WatchedSQLiteStore, deliveries, expected_changes, wait_until
