@@ -11,7 +11,7 @@ run again, it continues from there.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from consumer.core.codec import DecodeError, Event, decode
