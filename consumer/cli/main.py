@@ -26,6 +26,7 @@ from consumer.cli import replay as cli_replay
 from consumer.core.secrets import redact, redact_text
 from consumer.core.signature import sign
 from consumer.core.times import parse_time
+from consumer.dispatch.loading import HandlerLoadError
 from consumer.service import open_store, serve
 from consumer.settings import Settings
 from consumer.store.base import DeliveryStatus, TaskQuery
@@ -99,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    try:
+        return _command(settings, args)
+    except HandlerLoadError as exc:
+        # The user's configuration or module, not phasewatch: one line, no traceback.
+        print(f"phasewatch: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
         _run_fast(serve(settings))
         return 0
