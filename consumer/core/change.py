@@ -7,6 +7,7 @@ see: credentials hidden, the task typed. Live dispatch and replays both build it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -80,6 +81,54 @@ class PhaseChange:
             attempt=attempt,
             replay=replay,
         )
+
+    @classmethod
+    def example(
+        cls,
+        task: Mapping[str, Any] | None = None,
+        *,
+        phase: str | None = None,
+        previous_phase: str | None = None,
+        kind: ChangeKind = "phase",
+        seq: int = 1,
+        event_id: str = "example-event",
+        attempt: int = 1,
+        replay: bool = False,
+    ) -> PhaseChange:
+        """A change as a handler would receive it, for the user's own tests::
+
+            change = PhaseChange.example(
+                {"type": "upload", "output": {...}}, phase="completed", previous_phase="running"
+            )
+            await publish(change)  # a handler decorated with @on(...)
+
+        ``task`` is the task as Livepeer sends it (camelCase wire names); what it leaves
+        out is filled in: ``id`` ``"example-task"``, ``status.updatedAt`` 0, and
+        ``status.phase`` set to ``phase`` (default: the task's own, else ``completed``).
+        It goes through :meth:`from_record` like a stored change, so credentials are
+        hidden and the task validated exactly as the service would (a task the service
+        would refuse raises pydantic's ValidationError here too).
+        """
+        doc = dict(task or {})
+        doc.setdefault("id", "example-task")
+        status = dict(doc.get("status") or {})
+        if phase is None:
+            phase = status.get("phase") or "completed"
+        status["phase"] = phase
+        status.setdefault("updatedAt", 0)
+        doc["status"] = status
+        record = ChangeRecord(
+            seq=seq,
+            task_id=str(doc["id"]),
+            event_id=event_id,
+            previous_phase=previous_phase,
+            phase=phase,
+            changed_at=status["updatedAt"],
+            recorded_at=0,
+            task=doc,
+            kind=kind,
+        )
+        return cls.from_record(record, attempt=attempt, replay=replay)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready description for notifications: the change and a task summary
