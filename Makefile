@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: serve test check lint typecheck pytest bench kafka clean
+.PHONY: serve test test-fast check lint typecheck pytest bench kafka clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ serve: $(STAMP)
 
 ## Install and run everything CI runs: lint, types, and all test tiers (real broker included).
 test: $(STAMP) lint typecheck pytest
+
+## The pure and in-process tiers only (no Kafka broker, no spawned services): under 30 s.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -q -m "not kafka and not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check consumer handlers tests bench deploy

@@ -50,7 +50,19 @@ class PlannedProcessStore(SQLiteProcessStore):
         )
 
 
-@pytest.fixture(params=["memory", "sqlite", "sqlite-process", "sqlite-planned"])
+# The writer-process backends start a child process per test: the `slow` tier (spawns
+# processes), so `make test-fast` runs the suite against the in-process backends only.
+_SPAWNS = pytest.mark.slow
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        pytest.param("sqlite-process", marks=_SPAWNS),
+        pytest.param("sqlite-planned", marks=_SPAWNS),
+    ]
+)
 async def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Store]:

@@ -191,6 +191,14 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
         yield from _local_broker(tmp_path_factory)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Whatever needs the broker is a Kafka test, marked or not: `-m "not kafka"` (make
+    # test-fast) must never start one.
+    for item in items:
+        if "kafka_broker" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(autouse=True)
 def _kafka_broker_left_running(request: pytest.FixtureRequest) -> Iterator[None]:
     # A failing outage test could leave the session broker down and fail every later Kafka

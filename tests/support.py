@@ -49,8 +49,8 @@ async def wait_until(
     predicate: Callable[[], Any], what: str, *, timeout: float = 30, interval: float = 0.02
 ) -> Any:
     """Poll ``predicate`` (plain or async) until it returns something truthy, and return
-    that (never None). When ``timeout`` passes first, fail with an AssertionError naming ``what`` was
-    waited for and the last value seen: a wait never falls through silently."""
+    that (never None). When ``timeout`` passes first, fail with an AssertionError naming
+    ``what`` was waited for and the last value seen: a wait never falls through silently."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

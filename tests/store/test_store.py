@@ -274,6 +274,7 @@ async def test_lease_has_one_holder_until_it_expires(store: Store) -> None:
     assert await store.acquire_lease("other", "b", 1000, now_ms=2001) == "b"
 
 
+@pytest.mark.slow  # spawns (and kills) writer processes
 async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> None:
     store = SQLiteProcessStore(tmp_path / "p.db")
     await store.open()
@@ -294,6 +295,7 @@ async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> N
         await store.close()
 
 
+@pytest.mark.slow  # spawns (and kills) writer processes
 async def test_process_writer_answers_queued_batches_in_order(tmp_path: Path) -> None:
     store = SQLiteProcessStore(tmp_path / "q.db")
     await store.open()
@@ -311,6 +313,7 @@ async def test_process_writer_answers_queued_batches_in_order(tmp_path: Path) ->
         await store.close()
 
 
+@pytest.mark.slow  # spawns (and kills) writer processes
 async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path) -> None:
     store = SQLiteProcessStore(tmp_path / "d.db")
     await store.open()
