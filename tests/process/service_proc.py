@@ -7,12 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.support import REPO
+from tests.support import REPO, wait_until_sync
 
 PHASEWATCH = str(Path(sys.executable).with_name("phasewatch"))
 
@@ -57,17 +56,22 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"phasewatch exited: {self.log.read_text()[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
+                    return bool(r.status == 200)
             except OSError:
-                time.sleep(0.05)
-        raise TimeoutError(f"phasewatch not ready: {self.log.read_text()[-2000:]}")
+                return False
+
+        try:
+            wait_until_sync(ready, f"phasewatch at {self.url} to be ready", timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log.read_text()[-2000:]}") from None
+        return self
 
     def kill(self) -> None:
         assert self.proc is not None
