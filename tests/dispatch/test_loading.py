@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -80,8 +79,10 @@ def test_a_module_in_the_working_directory_is_found(cwd: Path) -> None:
         assert "1 handler(s)" in seen[-1]
         assert (cwd / "imported").read_text() == str(cwd / "myhooks.py")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=TIMEOUT_S) == 0
+        # Its exit status is not this test's business (tests/process covers a graceful
+        # stop): SIGTERM may arrive before serve() installs its handler.
+        proc.terminate()
+        proc.wait(timeout=TIMEOUT_S)
 
 
 @pytest.mark.parametrize(
