@@ -5,15 +5,21 @@ Livepeer adds fields over time and its own documentation carries placeholders
 
 * every model keeps unknown fields (``extra="allow"``) and dumps them back unchanged;
 * enums (phase, type, profile, encoder) accept values they do not know as plain strings;
-* an optional field whose value does not fit its documented type is kept verbatim
-  instead of failing the whole task (``Loose``). Code reading nested values should
-  therefore check types before doing arithmetic on them.
+* an optional field whose value does not fit its documented type does not fail the
+  whole task (``Loose``): it reads as ``None``, so a typed attribute only ever holds a
+  value of its type, and the value as received is kept for :meth:`~_Wire.wire` and
+  :meth:`~_Wire.raw`.
 
 The model is strict only where an event cannot be used at all: a task without an
 ``id``, without ``status.phase`` or with a non-numeric ``status.updatedAt``.
 
+Validation is by wire name only (camelCase, or the name Livepeer uses): a key spelled
+like the Python attribute (``encrypted_key``) is an unknown field, kept as received, and
+never fills the typed attribute, so redaction by wire name cannot be sidestepped.
+
 Round-trip: ``Task.model_validate(d).wire()`` equals ``d`` for any JSON object ``d``
-that validates (only set fields are dumped, by their wire names).
+that validates (only set fields are dumped, by their wire names, misshapen values as
+they came).
 
 This module is pure: no I/O.
 """
@@ -27,11 +33,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
+    model_serializer,
+    model_validator,
 )
 from pydantic.alias_generators import to_camel
 
@@ -72,16 +83,29 @@ class TaskType(StrEnum):
     TRANSCODE = "transcode"
 
 
-def _keep_on_error(value: Any, handler: ValidatorFunctionWrapHandler, _: ValidationInfo) -> Any:
+class _Misshapen:
+    """A value that did not fit its field, on its way from the field's validator to the
+    model's, which sets the field to None and keeps the value aside."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _set_aside_on_error(
+    value: Any, handler: ValidatorFunctionWrapHandler, _: ValidationInfo
+) -> Any:
     # Best effort: a misshapen optional value must not cost us the whole event.
     try:
         return handler(value)
     except ValidationError:
-        return value
+        return _Misshapen(value)
 
 
-Loose = WrapValidator(_keep_on_error)
-"""Validate as documented when possible, otherwise keep the raw JSON value."""
+Loose = WrapValidator(_set_aside_on_error)
+"""Validate as documented when possible; otherwise the field reads None and the value as
+received is kept for the round-trip."""
 
 T = TypeVar("T")
 Opt = Annotated[T | None, Loose]
@@ -91,7 +115,7 @@ Number = int | float
 _INT64 = 2**63
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: object) -> bool:
     """A JSON number usable as a time: not a boolean (an int to Python), and within a
     signed 64-bit range (orjson reads unsigned 64-bit ints; stores take signed ones)."""
     # A tuple, not int | float: isinstance takes half the time (called per event).
@@ -101,20 +125,83 @@ def is_number(value: Any) -> bool:
 
 
 class _Wire(BaseModel):
-    """Base: camelCase on the wire, unknown fields kept, assignment unchecked."""
+    """Base: camelCase on the wire (and only there), unknown fields kept, assignment
+    unchecked, misshapen optional values read as None but kept for the wire."""
 
     model_config = ConfigDict(
         extra="allow",
         alias_generator=to_camel,
-        populate_by_name=True,
+        # By wire name only: see the module docstring.
+        populate_by_name=False,
         frozen=False,
         ser_json_inf_nan="constants",
     )
 
+    # Field name -> the value received for it that did not fit its type.
+    _misshapen: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _settle(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        model = handler(data)
+        if isinstance(model, _Wire):
+            model._set_aside_misshapen()
+            if model.__pydantic_extra__ and isinstance(data, dict):
+                model._unset_fields_named_like_extras(data)
+        return model
+
+    def _set_aside_misshapen(self) -> None:
+        misshapen = None
+        for name, value in self.__dict__.items():
+            if type(value) is _Misshapen:
+                if misshapen is None:
+                    misshapen = {}
+                misshapen[name] = value.value
+        if misshapen is not None:
+            for name in misshapen:
+                self.__dict__[name] = None
+            self._misshapen = misshapen
+
+    def _unset_fields_named_like_extras(self, data: dict[str, Any]) -> None:
+        # An unknown key spelled like an attribute (encrypted_key) is kept as an extra, but
+        # pydantic also counts the attribute as set, and wire() would add encryptedKey:
+        # null. The attribute was set only if its wire name came too.
+        fields = type(self).model_fields
+        for key in self.__pydantic_extra__ or {}:
+            field = fields.get(key)
+            if field is not None and field.alias != key and field.alias not in data:
+                self.__pydantic_fields_set__.discard(key)
+
+    @model_serializer(mode="wrap")
+    def _put_back_misshapen(
+        self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+    ) -> Any:
+        data = handler(self)
+        if self._misshapen and isinstance(data, dict):
+            fields = type(self).model_fields
+            for name, value in self._misshapen.items():
+                key = (fields[name].alias or name) if info.by_alias else name
+                if key in data:  # not excluded by the caller
+                    data[key] = value
+        return data
+
     def wire(self) -> dict[str, Any]:
-        """The JSON object as Livepeer would send it: only fields that were set."""
-        # warnings=False: Loose fields may legitimately hold values of another type.
-        return self.model_dump(mode="json", by_alias=True, exclude_unset=True, warnings=False)
+        """The JSON object as Livepeer would send it: only fields that were set, each as
+        received (a misshapen value too)."""
+        dumped: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        return dumped
+
+    def raw(self, key: str) -> Any:
+        """The JSON value received for ``key`` (a wire name such as ``"upload"`` or
+        ``"playbackId"``, or an attribute name), whatever its shape: where the typed
+        attribute reads None because the value did not fit, this is the value; an
+        unknown field is found here too. None when the field was absent.
+
+        ``change.task.output.raw("upload")`` is the upload output even when Livepeer
+        sent something other than an object there."""
+        fields = type(self).model_fields
+        alias = fields[key].alias or key if key in fields else key
+        return self.wire().get(alias)
 
 
 # ---------------------------------------------------------------- shared shapes
