@@ -52,6 +52,11 @@ async def drop_dead_letters(request: web.Request) -> web.Response:
     return await _move_dead(request, DeliveryStatus.DROPPED)
 
 
+def _is_seq(value: object) -> bool:
+    # Within the 64-bit integers a database column holds: beyond, no seq can match.
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+
+
 async def _move_dead(request: web.Request, to: DeliveryStatus) -> web.Response:
     """Body: ``{"handler": optional, "seqs": optional [int], "all": bool}``; without seqs,
     ``all`` must be true, so an empty body never re-drives or drops everything."""
@@ -64,10 +69,8 @@ async def _move_dead(request: web.Request, to: DeliveryStatus) -> web.Response:
     handler, seqs = body.get("handler"), body.get("seqs")
     if handler is not None and not isinstance(handler, str):
         return error(400, "bad_request", "handler must be a string")
-    if seqs is not None and not (
-        isinstance(seqs, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seqs)
-    ):
-        return error(400, "bad_request", "seqs must be a list of integers")
+    if seqs is not None and not (isinstance(seqs, list) and all(map(_is_seq, seqs))):
+        return error(400, "bad_request", "seqs must be a list of 64-bit integers")
     if seqs is None and body.get("all") is not True:
         return error(400, "bad_request", 'name the seqs, or pass "all": true')
     moved = await request.app[STORE_KEY].set_delivery_status(

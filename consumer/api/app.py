@@ -73,6 +73,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = exc.reason.lower().replace(" ", "_")
         return error(exc.status, code, exc.text or exc.reason)
+    except web.RequestPayloadError:
+        return error(400, "bad_encoding", "the body does not decode per its Content-Encoding")
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error(500, "internal_error", "internal error; see the service log")

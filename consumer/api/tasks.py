@@ -3,11 +3,14 @@ leaving through it has its credentials hidden (:mod:`consumer.core.secrets`)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from aiohttp import web
 
 from consumer.api.context import MAX_PAGE, STORE_KEY
 from consumer.api.responses import error, json_response
+from consumer.core.codec import MAX_DEPTH, depth
 from consumer.core.secrets import redact
 from consumer.core.times import parse_time
 from consumer.store.base import Cursor, TaskQuery
@@ -18,7 +21,7 @@ __all__ = ["get_task", "list_tasks", "task_history"]
 async def get_task(request: web.Request) -> web.Response:
     stored = await request.app[STORE_KEY].get_task(request.match_info["task_id"])
     if stored is None:
-        return error(404, "not_found", f"no task {request.match_info['task_id']!r}")
+        return error(404, "not_found", "no task with this id")
     return json_response(redact(stored.task), ETag=f'"{stored.version}"')
 
 
@@ -38,14 +41,15 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 def _task_query(request: web.Request) -> TaskQuery:
     q = request.query
-    unknown = set(q) - {"phase", "type", "updated_since", "cursor", "limit", "order"}
+    unknown = set(q) - _TASK_PARAMS
     if unknown:
-        raise ValueError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        # Not echoed: names come from the request. The known ones say what is wrong.
+        raise ValueError(f"unknown query parameter; known: {', '.join(sorted(_TASK_PARAMS))}")
     phases = tuple(p for v in q.getall("phase", []) for p in v.split(",") if p)
     types = tuple(t for v in q.getall("type", []) for t in v.split(",") if t)
     since = parse_time(q["updated_since"]) if "updated_since" in q else None
     try:
-        limit = int(q.get("limit", "100"))
+        limit = int(q.get("limit", "100")[:20])
     except ValueError:
         raise ValueError("limit must be an integer") from None
     if not 1 <= limit <= MAX_PAGE:
@@ -57,12 +61,28 @@ def _task_query(request: web.Request) -> TaskQuery:
     return TaskQuery(phases, types, since, after, limit, order == "desc")
 
 
+_TASK_PARAMS = frozenset({"phase", "type", "updated_since", "cursor", "limit", "order"})
+
+
+def _body(raw: bytes) -> dict[str, Any]:
+    """A stored body as the history shows it, redacted. Whatever the history holds (a body
+    stored before the codec's nesting limit, bytes that no longer parse), the answer is
+    a 200 that says what could not be shown, never a 500 for good."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"body": None, "bodyError": "the stored body is not JSON"}
+    if depth(doc) > MAX_DEPTH:
+        return {"body": None, "bodyError": f"the stored body nests over {MAX_DEPTH} levels"}
+    return {"body": redact(doc)}
+
+
 async def task_history(request: web.Request) -> web.Response:
     task_id = request.match_info["task_id"]
     store = request.app[STORE_KEY]
     events = await store.task_history(task_id)
     if not events:
-        return error(404, "not_found", f"no task {task_id!r}")
+        return error(404, "not_found", "no task with this id")
     changes = await store.task_changes(task_id)
     return json_response(
         {
@@ -76,7 +96,7 @@ async def task_history(request: web.Request) -> web.Response:
                     "source": e.source,
                     "receivedAt": e.received_at,
                     "createdAt": e.created_at,
-                    "body": redact(orjson.loads(e.raw)),
+                    **_body(e.raw),
                 }
                 for e in events
             ],

@@ -14,7 +14,10 @@ Errors form one small hierarchy; each maps to one HTTP status and one DLQ reason
     ├── NotJSON          400     not UTF-8 JSON, or not a JSON object
     ├── NotAnEvent       400     JSON, but none of the three formats
     └── InvalidEvent     422     an event whose task cannot be used (no id, no
-                                 status.phase, non-numeric status.updatedAt, ...)
+        │                        status.phase, non-numeric status.updatedAt, ...)
+        └── TooDeep      422     nested deeper than :data:`MAX_DEPTH` levels: more
+                                 than the store's encoder could write back (orjson
+                                 refuses 255+ levels), so refused here, never half-stored
 
 The checks here are exactly the ones :class:`consumer.core.model.Task` is strict about (a test
 holds the two in agreement); the full model is not built on the hot path because every
@@ -34,12 +37,14 @@ from consumer.core.model import is_number
 
 __all__ = [
     "HTTP_STATUS",
+    "MAX_DEPTH",
     "DecodeError",
     "Event",
     "EventFormat",
     "InvalidEvent",
     "NotAnEvent",
     "NotJSON",
+    "TooDeep",
     "decode",
     "is_number",
 ]
@@ -73,7 +78,17 @@ class InvalidEvent(DecodeError):
     http_status = 422
 
 
-HTTP_STATUS = {cls.reason: cls.http_status for cls in (NotJSON, NotAnEvent, InvalidEvent)}
+class TooDeep(InvalidEvent):
+    reason = "too_deep"
+    http_status = 422
+
+
+MAX_DEPTH = 128
+"""Deepest nesting of objects and arrays a message may have. Far above any real task (a
+handful of levels) and far below orjson's encoder limit (254), leaving room for the
+envelopes the API and the changes feed wrap a stored document in."""
+
+HTTP_STATUS = {cls.reason: cls.http_status for cls in (NotJSON, NotAnEvent, InvalidEvent, TooDeep)}
 """The HTTP status a webhook sender gets for each decode error reason."""
 
 
@@ -116,7 +131,29 @@ def decode(raw: bytes) -> Event:
         raise NotJSON(f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise NotJSON(f"body must be a JSON object, got {type(doc).__name__}")
+    # Nesting cannot exceed the number of brackets, which bytes.count finds at C speed:
+    # only a message with that many is walked.
+    if raw.count(b"{") + raw.count(b"[") > MAX_DEPTH and depth(doc) > MAX_DEPTH:
+        raise TooDeep(f"message is nested more than {MAX_DEPTH} levels deep")
     return decode_object(doc, raw)
+
+
+def depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a JSON value (a scalar is 0). Iterative: a
+    hostile document must not exhaust the interpreter's stack."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def decode_object(doc: dict[str, Any], raw: bytes) -> Event:
@@ -157,9 +194,7 @@ def _envelope(doc: dict[str, Any], raw: bytes, event_name: str, fmt: EventFormat
         snapshot = {"id": outer_id, **snapshot}
     task_id = _check_task(snapshot, "payload.task.snapshot")
     if outer_id is not None and outer_id != task_id:
-        raise InvalidEvent(
-            f"payload.task.id {outer_id!r} differs from payload.task.snapshot.id {task_id!r}"
-        )
+        raise InvalidEvent("payload.task.id differs from payload.task.snapshot.id")
     return Event(event_id, event_name, fmt, created_at, raw, task_id, snapshot)
 
 

@@ -6,13 +6,15 @@ a day and never retries a 4xx. So a 2xx means the event is committed (or was alr
 when a retry may well succeed::
 
     200  accepted, or a duplicate of an accepted event
-    400  not JSON, or not an event envelope
+    400  not JSON, not an event envelope, or a Content-Encoding that does not decode
     401  missing, malformed or wrong signature; stale signature timestamp
     413  body above the size limit
     422  an event whose task cannot be used (no id, no status.phase, ...)
     503  the store could not commit; retry
 
-The signature covers the body bytes exactly as received. The body goes to an
+The signature is checked over the body bytes Livepeer signed (spec §2): the request body
+as received, after undoing any ``Content-Encoding`` a proxy may have applied (Livepeer
+itself sends none). A body whose encoding does not decode gets 400. The body goes to an
 :class:`EventSink` (the store's group-commit ingestor, or a Kafka topic in forward mode),
 which decodes it where it is stored.
 """
@@ -73,6 +75,10 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         return _too_large(config)
+    except web.RequestPayloadError:
+        # A Content-Encoding that does not decode (truncated gzip, bad deflate): the
+        # sender's body can never succeed, so a 4xx, not the 500 of an unexpected error.
+        return error(400, "bad_encoding", "the body does not decode per its Content-Encoding")
     if config.secret is not None:
         try:
             verify(

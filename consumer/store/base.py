@@ -182,7 +182,13 @@ class Cursor:
             updated_at, task_id = orjson.loads(base64.urlsafe_b64decode(text.encode()))
         except (ValueError, TypeError, orjson.JSONDecodeError):
             raise ValueError("cursor is not one this API issued") from None
-        if not isinstance(updated_at, int | float) or not isinstance(task_id, str):
+        if (
+            isinstance(updated_at, bool)
+            or not isinstance(updated_at, int | float)
+            or not isinstance(task_id, str)
+            # Beyond what a database integer holds (and what any task carries).
+            or not -(2**63) <= updated_at < 2**63
+        ):
             raise ValueError("cursor is not one this API issued")
         return cls(updated_at, task_id)
 
