@@ -34,8 +34,11 @@ from typing import Any
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from consumer.core.backoff import Backoff
 from consumer.settings import Settings
-from consumer.sources.kafka.group import KafkaSource
+from consumer.sources.group_commit import ChangeSink
+from consumer.sources.kafka.group import STORE_BACKOFF, KafkaSource
+from consumer.store.base import IngestStore
 
 ENV_BOOTSTRAP = "PHASEWATCH_TEST_KAFKA_BOOTSTRAP"
 ENV_BACKEND = "PHASEWATCH_TEST_KAFKA_BACKEND"
@@ -302,6 +305,18 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"kafka: {line}")
 
 
-def kafka_source(store: Any, settings: Settings, **options: Any) -> KafkaSource:
+def kafka_source(
+    store: IngestStore,
+    settings: Settings,
+    *,
+    on_changes: ChangeSink | None = None,
+    backoff: Backoff = STORE_BACKOFF,
+) -> KafkaSource:
     """The consumer-group source as the service builds it from ``settings``."""
-    return KafkaSource(store, settings.kafka_connection(), settings.kafka_source(), **options)
+    return KafkaSource(
+        store,
+        settings.kafka_connection(),
+        settings.kafka_source(),
+        on_changes=on_changes,
+        backoff=backoff,
+    )

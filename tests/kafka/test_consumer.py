@@ -14,6 +14,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from consumer.core.backoff import Backoff
 from consumer.settings import Settings
 from consumer.store.base import Store
 from consumer.store.sqlite.process import SQLiteProcessStore
@@ -310,7 +311,9 @@ async def test_consumer_recovers_from_a_broker_restart(
     store = SQLiteStore(tmp_path / "r.db")
     await store.open()
     source = kafka_source(
-        store, kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200), retry_backoff_s=0.2
+        store,
+        kafka_settings(kafka_broker, kafka_topic, kafka_max_batch=200),
+        backoff=Backoff(0.05, 0.2),  # retries soon after the broker is back
     )
     await source.start()
     try:
