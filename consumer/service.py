@@ -18,11 +18,12 @@ from aiohttp import web
 
 from consumer.api.app import HttpConfig, build_app
 from consumer.core.secrets import redact_text
+from consumer.core.times import now_ms
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
 from consumer.dispatch.subscription import Subscription
 from consumer.settings import Settings
-from consumer.sources.group_commit import Ingestor
+from consumer.sources.group_commit import Ingestor, describe
 from consumer.sources.kafka.group import KafkaSource
 from consumer.sources.kafka.producers import KafkaForwarder
 from consumer.sources.webhook import EventSink
@@ -124,9 +125,24 @@ class Service:
         }
         if self.kafka is not None:
             status["kafka"] = self.kafka.status()
+        failing = await self._store_failing() or status.get("kafka", {}).get("storeFailing")
+        if failing is not None:
+            status["storeFailing"] = failing
         if self.forwarder is not None:
             status["forwarded"] = self.forwarder.forwarded
         return status
+
+    async def _store_failing(self) -> str | None:
+        """Why commits fail, while they do. A failed webhook commit is checked again with
+        a small write of our own: a replica that /readyz takes out of the load balancer
+        gets no webhooks, so it must find out by itself when the store is back."""
+        if self.ingestor.stats.failing is not None:
+            try:
+                await self.store.set_meta("phasewatch:probe", str(now_ms()))
+            except Exception as exc:
+                return describe(exc)
+            self.ingestor.stats.failing = None
+        return None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Service:
@@ -164,26 +180,30 @@ class Service:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
-    service = Service.from_settings(settings)
-    runner = web.AppRunner(service.app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
-    await site.start()
-    log.info(
-        "phasewatch listening on http://%s:%d (store %s, %d handler(s))",
-        settings.http_host,
-        settings.http_port,
-        _safe_url(settings.database_url),
-        len(service.handlers),
-    )
+    # Signals first: a SIGTERM that arrives while the store opens (a rolling restart)
+    # still stops the service cleanly instead of killing it.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("stopping")
-    await runner.cleanup()
+    service = Service.from_settings(settings)
+    runner = web.AppRunner(service.app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        log.info(
+            "phasewatch listening on http://%s:%d (store %s, %d handler(s))",
+            settings.http_host,
+            settings.http_port,
+            _safe_url(settings.database_url),
+            len(service.handlers),
+        )
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await runner.cleanup()
 
 
 def _safe_url(url: str) -> str:

@@ -23,6 +23,12 @@ async def readyz(request: web.Request) -> web.Response:
         status = await request.app[STATUS_KEY]()
     except Exception as exc:
         return error(503, "not_ready", f"store unavailable: {type(exc).__name__}")
+    failing = status.get("storeFailing")
+    if failing:
+        return json_response(
+            {"status": "not_ready", "error": "store_failing", "message": failing, **status},
+            status=503,
+        )
     failed = status.get("kafka", {}).get("failed")
     if failed:
         return json_response(

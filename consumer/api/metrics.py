@@ -37,6 +37,11 @@ class _Snapshot(Collector):
         for name, value in s.get("store", {}).items():
             # The backend's own figures (e.g. the SQLite writer's refused plans).
             yield _counter(f"phasewatch_store_{name}", f"Store backend: {name}.", value)
+        yield _gauge(
+            "phasewatch_store_failing",
+            "1 while store commits fail (/readyz answers 503 and names the error).",
+            int(bool(s.get("storeFailing"))),
+        )
         ingest = s["ingest"]
         yield _counter(
             "phasewatch_webhook_events_accepted", "Webhook events committed.", ingest["accepted"]

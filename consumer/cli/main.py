@@ -29,7 +29,7 @@ from consumer.core.times import parse_time
 from consumer.dispatch.loading import HandlerLoadError
 from consumer.service import open_store, serve
 from consumer.settings import Settings
-from consumer.store.base import DeliveryStatus, TaskQuery
+from consumer.store.base import DeliveryStatus, StoreOpenError, TaskQuery
 
 __all__ = ["main"]
 
@@ -102,8 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _command(settings, args)
-    except HandlerLoadError as exc:
-        # The user's configuration or module, not phasewatch: one line, no traceback.
+    except (HandlerLoadError, StoreOpenError) as exc:
+        # The user's configuration, module or file, not phasewatch: one line naming it,
+        # no traceback.
         print(f"phasewatch: {exc}", file=sys.stderr)
         return 2
 

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 
 from consumer.core.change import ChangeRecord
 from consumer.core.plan import Outcome
+from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
 from consumer.store.base import RawIngestResult, Rejected, Store
 
-__all__ = ["ChangeSink", "IngestStats", "Ingestor"]
+__all__ = ["ChangeSink", "IngestStats", "Ingestor", "describe"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ class IngestStats:
     batches: int = 0
     failed: int = 0
     largest_batch: int = 0
+    # Why the last commit failed, until one succeeds: /readyz answers 503 meanwhile.
+    failing: str | None = None
 
 
 @dataclass(slots=True)
@@ -115,10 +118,11 @@ class Ingestor:
     async def _commit(self, batch: list[_Pending]) -> None:
         try:
             result = await self._store.ingest_raw([p.raw for p in batch], self._source, now_ms())
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 log.exception("store could not commit a message of %d bytes", len(batch[0].raw))
                 self.stats.failed += 1
+                self.stats.failing = describe(exc)
                 _settle(batch[0].future, exc=RuntimeError("store unavailable"))
                 return
             log.warning("batch of %d failed; retrying its events one by one", len(batch))
@@ -126,6 +130,7 @@ class Ingestor:
                 await self._commit([pending])
             return
         self.stats.batches += 1
+        self.stats.failing = None
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for pending, outcome in zip(batch, result.outcomes, strict=True):
             if isinstance(outcome, Rejected):
@@ -144,6 +149,11 @@ class Ingestor:
             except Exception:
                 # The changes are committed in the outbox; the dispatcher will find them.
                 log.exception("change notification failed")
+
+
+def describe(exc: BaseException) -> str:
+    """An error as /readyz and the logs name it: its type and message, credentials hidden."""
+    return redact_text(f"{type(exc).__name__}: {exc}")[:500]
 
 
 def _settle(

@@ -97,6 +97,7 @@ __all__ = [
     "RebuildStore",
     "Rejected",
     "Store",
+    "StoreOpenError",
     "StoreStats",
     "StoredTask",
     "TaskPage",
@@ -106,6 +107,12 @@ __all__ = [
     "ingest_decoded",
     "with_rejections",
 ]
+
+
+class StoreOpenError(Exception):
+    """The store cannot be opened, and retrying will not help: a file that is not a
+    database, is read-only or cannot be created; a schema this version cannot use. The
+    message names the file or the setting; the CLI prints it as one line and exits 2."""
 
 
 class DeliveryStatus(StrEnum):

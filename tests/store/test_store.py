@@ -14,7 +14,7 @@ import pytest
 
 from consumer.core.codec import decode
 from consumer.core.plan import Outcome
-from consumer.store.base import Cursor, Delivery, DeliveryStatus, Store, TaskQuery
+from consumer.store.base import Cursor, Delivery, DeliveryStatus, Store, StoreOpenError, TaskQuery
 from consumer.store.sqlite.process import SQLiteProcessStore
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
@@ -343,6 +343,37 @@ async def test_sqlite_refuses_a_database_of_another_schema(tmp_path: Path) -> No
     with sqlite3.connect(path) as con:  # what the first release created: no user_version
         con.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE)")
     store = SQLiteStore(path)
-    with pytest.raises(RuntimeError, match="schema 1, this version needs 2"):
+    with pytest.raises(StoreOpenError, match="schema 1, this version needs 2"):
         await store.open()
     await store.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "the file is empty"),
+        (b"not a database at all, just some text " * 100, "not a SQLite database"),
+    ],
+)
+async def test_sqlite_refuses_an_empty_or_foreign_file(
+    tmp_path: Path, content: bytes, says: str
+) -> None:
+    """A zero-length file (a truncated copy, a failed restore) would otherwise open as an
+    empty store, losing the history without a word."""
+    path = tmp_path / "phasewatch.db"
+    path.write_bytes(content)
+    store = SQLiteStore(path)
+    with pytest.raises(StoreOpenError, match=says) as raised:
+        await store.open()
+    assert str(path) in str(raised.value)
+    await store.close()
+    assert path.read_bytes() == content  # left as it was
+
+
+async def test_sqlite_creates_a_new_file(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "sub" / "new.db")
+    await store.open()
+    try:
+        assert (await store.stats()).events == 0
+    finally:
+        await store.close()

@@ -41,7 +41,7 @@ from aiokafka.errors import KafkaError
 from consumer.core.backoff import Backoff, Retries
 from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
-from consumer.sources.group_commit import ChangeSink
+from consumer.sources.group_commit import ChangeSink, describe
 from consumer.sources.kafka.options import (
     KafkaConnection,
     SourceOptions,
@@ -69,6 +69,7 @@ class KafkaStats:
     duplicates: int = 0
     commit_failures: int = 0
     store_retries: int = 0
+    store_failing: str | None = None  # why the batch being retried does not commit
     lag: dict[str, int] = field(default_factory=dict)  # "topic[partition]" -> records behind
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,6 +80,7 @@ class KafkaStats:
             "duplicates": self.duplicates,
             "commitFailures": self.commit_failures,
             "storeRetries": self.store_retries,
+            "storeFailing": self.store_failing,
             "lag": dict(self.lag),
             "totalLag": sum(self.lag.values()),
         }
@@ -257,12 +259,14 @@ class KafkaSource:
         while result is None:
             try:
                 result = await self._ingest(records)
-            except Exception:
+            except Exception as exc:
                 if self._stopping.is_set():
                     return False  # offsets not committed: the next owner gets it again
                 self.stats.store_retries += 1
+                self.stats.store_failing = describe(exc)
                 log.exception("store could not commit a batch of %d; retrying", len(records))
                 await asyncio.sleep(retries.failed())
+        self.stats.store_failing = None
         # Offsets are committed in batch order: never past a batch that is not stored.
         if previous is not None and not await previous:
             return False

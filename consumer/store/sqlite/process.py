@@ -62,7 +62,7 @@ from consumer.store.base import (
 from consumer.store.sqlite.collector import tune_for_batches
 from consumer.store.sqlite.planner import Loaded, Planned, Planner, write_planned
 from consumer.store.sqlite.rows import read_for_planning
-from consumer.store.sqlite.schema import begin_immediate
+from consumer.store.sqlite.schema import begin_immediate, rollback
 from consumer.store.sqlite.store import SQLiteStore, Synchronous
 
 __all__ = ["SQLiteProcessStore"]
@@ -179,7 +179,7 @@ def _commit(store: SQLiteStore, con: sqlite3.Connection, requests: list[_Request
             replies = [_ingest(store, con, request) for request in requests]
             con.execute("COMMIT")
         except BaseException:
-            con.execute("ROLLBACK")
+            rollback(con)
             raise
     except Exception as exc:
         if len(requests) > 1:

@@ -6,10 +6,11 @@ same file; :func:`begin_immediate` is how each starts a write transaction.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 
-__all__ = ["CHUNK", "SCHEMA", "SCHEMA_VERSION", "begin_immediate"]
+__all__ = ["CHUNK", "SCHEMA", "SCHEMA_VERSION", "begin_immediate", "rollback"]
 
 SCHEMA_VERSION = 2
 
@@ -129,3 +130,13 @@ def begin_immediate(con: sqlite3.Connection) -> None:
                 raise
         time.sleep(delay)
         delay = min(delay * 2, 0.002)
+
+
+def rollback(con: sqlite3.Connection) -> None:
+    """Undo the transaction a failure interrupted, without hiding that failure. SQLite
+    rolls some transactions back by itself (a full disk, an I/O error), and a ROLLBACK
+    then raises "cannot rollback - no transaction is active", which would replace the
+    real cause ("database or disk is full") in every log and error above."""
+    if con.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            con.execute("ROLLBACK")

@@ -38,6 +38,7 @@ from consumer.store.base import (
     IngestResult,
     RawIngestResult,
     StoredTask,
+    StoreOpenError,
     StoreStats,
     TaskPage,
     TaskQuery,
@@ -51,12 +52,24 @@ from consumer.store.sqlite.rows import (
     task_row,
     write_rows,
 )
-from consumer.store.sqlite.schema import CHUNK, SCHEMA, SCHEMA_VERSION, begin_immediate
+from consumer.store.sqlite.schema import CHUNK, SCHEMA, SCHEMA_VERSION, begin_immediate, rollback
 
 __all__ = ["SQLiteStore", "Synchronous", "path_from_url"]
 
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+
+def _open_failure(path: Path, exc: sqlite3.DatabaseError) -> str:
+    """One line naming the file and what is wrong with it."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        return f"{path}: not a SQLite database (or a corrupt one): {text}"
+    if "readonly" in text or "read-only" in text:
+        return f"{path}: the file (or its directory) is read-only: {text}"
+    if "unable to open" in text:
+        return f"{path}: cannot be opened (missing directory or no permission): {text}"
+    return f"{path}: {text}"
 
 
 def path_from_url(url: str) -> Path:
@@ -103,17 +116,36 @@ class SQLiteStore:
         return self._connect(True)
 
     def _connect(self, writer: bool) -> sqlite3.Connection:
+        try:
+            return self._open_connection(writer)
+        except sqlite3.DatabaseError as exc:
+            raise StoreOpenError(_open_failure(self.path, exc)) from exc
+        except OSError as exc:
+            raise StoreOpenError(f"{self.path}: cannot be opened: {exc.strerror}") from exc
+
+    def _open_connection(self, writer: bool) -> sqlite3.Connection:
         if writer:
+            if self.path.is_file() and self.path.stat().st_size == 0:
+                # SQLite would take it for a new database and start an empty store: a
+                # history lost without a word (a truncated copy, a failed restore).
+                raise StoreOpenError(
+                    f"{self.path}: the file is empty (0 bytes), not a phasewatch database;"
+                    " move it away to start a new store there"
+                )
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        con.execute("PRAGMA busy_timeout = 10000")
-        if writer:
-            con.execute("PRAGMA journal_mode = WAL")
-            self._ensure_schema(con)
-            # From here on the writer waits in begin_immediate, finer grained.
-            con.execute("PRAGMA busy_timeout = 0")
-        con.execute(f"PRAGMA synchronous = {self._synchronous}")
+        try:
+            con.execute("PRAGMA busy_timeout = 10000")
+            if writer:
+                con.execute("PRAGMA journal_mode = WAL")
+                self._ensure_schema(con)
+                # From here on the writer waits in begin_immediate, finer grained.
+                con.execute("PRAGMA busy_timeout = 0")
+            con.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except BaseException:
+            con.close()
+            raise
         return con
 
     def _ensure_schema(self, con: sqlite3.Connection) -> None:
@@ -124,7 +156,7 @@ class SQLiteStore:
         ):
             version = 1  # written before the schema carried a version
         if version not in (0, SCHEMA_VERSION):
-            raise RuntimeError(
+            raise StoreOpenError(
                 f"{self.path} holds phasewatch schema {version}, this version needs"
                 f" {SCHEMA_VERSION}: export its history with the phasewatch that wrote it"
                 " (phasewatch export -o FILE), then import FILE into a new database"
@@ -210,7 +242,7 @@ class SQLiteStore:
                 result = fn(con)
                 con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                rollback(con)
                 raise
             return result
 
