@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -171,3 +172,23 @@ class WatchedSQLiteStore(SQLiteStore):
         await wait_until(
             lambda: self.redrive_reads >= target, f"{passes} more dispatcher passes", timeout=30
         )
+
+
+class CrossLoopEvent:
+    """An event that handler code sets or awaits on its own loop and thread (handlers run
+    on one of their own, see consumer.dispatch.runner) while the test sets or awaits it
+    on the test's: an ``asyncio.Event`` belongs to one loop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        """Return once set. Never gives up: callers bound it (``asyncio.wait_for``)."""
+        while not self._event.is_set():
+            await asyncio.sleep(0.005)

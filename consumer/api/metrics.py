@@ -37,6 +37,15 @@ class _Snapshot(Collector):
         for name, value in s.get("store", {}).items():
             # The backend's own figures (e.g. the SQLite writer's refused plans).
             yield _counter(f"phasewatch_store_{name}", f"Store backend: {name}.", value)
+        lag = GaugeMetricFamily(
+            "phasewatch_loop_lag_seconds",
+            "How late each event loop runs its callbacks: the receiver's, and each handler's.",
+            labels=["loop"],
+        )
+        lag.add_metric(["main"], s.get("loopLagSeconds", 0.0))
+        for handler, figures in s["dispatch"]["handlers"].items():
+            lag.add_metric([f"handler:{handler}"], figures.get("loopLagSeconds", 0.0))
+        yield lag
         yield _gauge(
             "phasewatch_store_failing",
             "1 while store commits fail (/readyz answers 503 and names the error).",

@@ -38,10 +38,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from consumer.core.backoff import Backoff, Retries
 from consumer.core.change import ChangeRecord, PhaseChange
 from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
 from consumer.dispatch.policy import DeliveryPolicy
+from consumer.dispatch.runner import HandlerThread
 from consumer.dispatch.subscription import PermanentError, Subscription
 from consumer.store.base import Delivery, DeliveryStatus, Store
 
@@ -93,6 +95,11 @@ class _Lane:
     saved_cursor: int = -1
 
 
+# Waits while delivery records cannot be written: short first (a lock held by a
+# neighbour), capped so that deliveries resume within seconds of the store coming back.
+_RECORD_BACKOFF = Backoff(0.05, 5.0)
+
+
 class _Recorder:
     """Group commit for delivery records: many workers, one store write per round."""
 
@@ -112,6 +119,7 @@ class _Recorder:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                retries = Retries(_RECORD_BACKOFF)
                 while True:
                     try:
                         await self._store.record_deliveries([d for d, _ in batch])
@@ -119,7 +127,7 @@ class _Recorder:
                     except Exception:
                         # Losing a 'done' would deliver the change again: keep trying.
                         log.exception("could not record %d deliveries; retrying", len(batch))
-                        await asyncio.sleep(0.5)
+                        await asyncio.sleep(retries.failed())
                 for _, future in batch:
                     if not future.done():
                         future.set_result(None)
@@ -161,6 +169,8 @@ class Dispatcher:
         self._recorder = _Recorder(store)
         self._last_housekeeping = 0.0
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # Each handler's own thread and loop (see consumer.dispatch.runner).
+        self._threads = {lane.sub.name: HandlerThread(lane.sub.name) for lane in self._lanes}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -179,7 +189,9 @@ class Dispatcher:
                 # `phasewatch replay handlers` to back-fill on purpose). Set before any
                 # ingestion starts, so nothing committed after this is skipped.
                 await self._store.set_cursor(lane.sub.name, last)
-            await _start_handler(lane.sub)
+            thread = self._threads[lane.sub.name]
+            thread.start()
+            await _start_handler(lane.sub, thread)
         self._wake.set()
         self._task = asyncio.create_task(self._run(), name="dispatch")
 
@@ -230,7 +242,9 @@ class Dispatcher:
             return
         self._started = False
         for lane in self._lanes:
-            await _stop_handler(lane.sub)
+            thread = self._threads[lane.sub.name]
+            await _stop_handler(lane.sub, thread)
+            await thread.stop()
 
     def notify(self, changes: Sequence[ChangeRecord]) -> None:
         """Called after a commit that recorded changes: a wake-up, the outbox has them."""
@@ -241,7 +255,11 @@ class Dispatcher:
         return {
             "leader": self._leader,
             "handlers": {
-                lane.sub.name: {**lane.stats.as_dict(), "cursor": lane.cursor}
+                lane.sub.name: {
+                    **lane.stats.as_dict(),
+                    "cursor": lane.cursor,
+                    "loopLagSeconds": round(self._threads[lane.sub.name].lag.seconds, 4),
+                }
                 for lane in self._lanes
             },
         }
@@ -410,11 +428,14 @@ class Dispatcher:
                 lane, item, DeliveryStatus.FAILING, attempt, first=first, error=error
             )
 
+        thread = self._threads[sub.name]
+
         async def call(c: PhaseChange) -> None:
             async with lane.slots:
                 lane.stats.in_flight += 1
                 try:
-                    await asyncio.wait_for(sub.fn(c), sub.policy.timeout_s)
+                    # On the handler's own loop: this loop (the receiver's) only waits.
+                    await thread.run(lambda: sub.fn(c), sub.policy.timeout_s)
                 finally:
                     lane.stats.in_flight -= 1
 
@@ -472,9 +493,13 @@ async def call_with_retries(
         attempts += 1
         try:
             await call(change if attempts == 1 else _with_attempt(change, attempts))
+        except asyncio.CancelledError:
+            raise  # the dispatcher is stopping (or the call was cut off): not the handler's
         except PermanentError as exc:
             return DeliveryStatus.DEAD, attempts, _describe(exc)
-        except Exception as exc:  # any failure of user code is retried, never fatal
+        except BaseException as exc:
+            # Any failure of user code is retried, never fatal: SystemExit and
+            # KeyboardInterrupt from a handler too (see consumer.dispatch.runner).
             error = _describe(exc)
             if sub.policy.gives_up(attempts, (now_ms() - first) / 1000):
                 return DeliveryStatus.DEAD, attempts, error
@@ -488,22 +513,23 @@ def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:
     return replace(change, attempt=attempt)
 
 
-async def _start_handler(sub: Subscription) -> None:
+async def _start_handler(sub: Subscription, thread: HandlerThread) -> None:
     if sub.on_start is None:
         return
     try:
-        await sub.on_start()
+        await thread.run(sub.on_start, sub.policy.timeout_s)
     except Exception:
         # e.g. a broker down at start: the handler's calls fail and are retried like any
         # delivery; the service itself must still come up.
         log.exception("handler %s failed to start", sub.name)
 
 
-async def _stop_handler(sub: Subscription) -> None:
+async def _stop_handler(sub: Subscription, thread: HandlerThread) -> None:
     if sub.on_stop is None:
         return
     try:
-        await sub.on_stop()
+        # Bounded: a handler stuck in a blocking call must not hold up the whole stop.
+        await thread.run(sub.on_stop, min(sub.policy.timeout_s, 5.0))
     except Exception:
         # One handler failing to close must not keep the others' resources open.
         log.exception("handler %s failed to stop cleanly", sub.name)

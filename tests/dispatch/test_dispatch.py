@@ -19,6 +19,7 @@ from consumer.dispatch.subscription import PermanentError, Subscription
 from consumer.store.base import DeliveryStatus, Store
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import (
+    CrossLoopEvent,
     WatchedSQLiteStore,
     deliveries,
     expected_changes,
@@ -189,7 +190,7 @@ async def test_hung_handler_does_not_hold_up_others(store: SQLiteStore) -> None:
 
 async def test_restart_never_repeats_a_recorded_delivery(store: SQLiteStore) -> None:
     delivered: list[int] = []
-    gate = asyncio.Event()
+    gate = CrossLoopEvent()
 
     async def slow(change: PhaseChange) -> None:
         if len(delivered) >= 20:
@@ -268,7 +269,7 @@ async def test_filters_on_the_small_fixture(store: SQLiteStore) -> None:
 
 
 async def test_backlog_is_bounded(store: WatchedSQLiteStore) -> None:
-    release = asyncio.Event()
+    release = CrossLoopEvent()
 
     async def blocked(change: PhaseChange) -> None:
         await release.wait()

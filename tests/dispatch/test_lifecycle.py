@@ -14,7 +14,7 @@ from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.subscription import Subscription
 from consumer.store.memory import MemoryStore
-from tests.support import snapshot, webhook_body
+from tests.support import CrossLoopEvent, snapshot, webhook_body
 
 NAMES = ("alpha", "beta", "gamma")
 # Generous: only reached when the behaviour is broken, then the test fails.
@@ -27,7 +27,7 @@ class Recorder:
     def __init__(self) -> None:
         self.started: list[str] = []
         self.stopped: list[str] = []
-        self.delivered: dict[str, asyncio.Event] = {name: asyncio.Event() for name in NAMES}
+        self.delivered = {name: CrossLoopEvent() for name in NAMES}
 
     def hook(self, into: list[str], name: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:

@@ -19,6 +19,7 @@ from consumer.store.memory import MemoryStore
 from tests.http.conftest import PATH, MakeClient
 from tests.support import (
     FIXTURE_SECRET,
+    CrossLoopEvent,
     Delivery,
     deliveries,
     expected_changes,
@@ -268,8 +269,8 @@ async def test_failing_and_slow_handlers_never_affect_ingestion(make_client: Mak
     async def slow(change: PhaseChange) -> None:
         await asyncio.sleep(3600)
 
-    held = asyncio.Event()
-    release = asyncio.Event()
+    held = CrossLoopEvent()
+    release = CrossLoopEvent()
 
     async def holding(change: PhaseChange) -> None:
         held.set()
