@@ -18,10 +18,10 @@ from aiohttp import web
 
 from consumer.api.app import HttpConfig, build_app
 from consumer.core.secrets import redact_text
-from consumer.core.times import now_ms
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
 from consumer.dispatch.subscription import Subscription
+from consumer.lag import LoopLag
 from consumer.settings import Settings
 from consumer.sources.group_commit import Ingestor, describe
 from consumer.sources.kafka.group import KafkaSource
@@ -100,6 +100,7 @@ class Service:
             ),
             self.status,
         )
+        self.loop_lag = LoopLag()  # of the loop serving webhooks and the API
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
 
@@ -122,6 +123,7 @@ class Service:
                 "failed": ingest.failed,
             },
             "dispatch": self.dispatcher.status(),
+            "loopLagSeconds": round(self.loop_lag.seconds, 4),
         }
         if self.kafka is not None:
             status["kafka"] = self.kafka.status()
@@ -133,15 +135,20 @@ class Service:
         return status
 
     async def _store_failing(self) -> str | None:
-        """Why commits fail, while they do. A failed webhook commit is checked again with
-        a small write of our own: a replica that /readyz takes out of the load balancer
-        gets no webhooks, so it must find out by itself when the store is back."""
-        if self.ingestor.stats.failing is not None:
+        """Why commits fail, while they do. A failed webhook commit is checked again with a
+        write of our own as large as the one that failed (a full disk may still take
+        a small one), then taken back: a replica that /readyz takes out of the load
+        balancer gets no webhooks, so it must find out by itself when the store is back."""
+        stats = self.ingestor.stats
+        if stats.failing is not None:
+            # About what the failed message wrote: its history row, view row and change.
+            probe = "x" * min(3 * stats.failing_bytes, 4 << 20)
             try:
-                await self.store.set_meta("phasewatch:probe", str(now_ms()))
+                await self.store.set_meta("phasewatch:probe", probe)
+                await self.store.set_meta("phasewatch:probe", None)
             except Exception as exc:
                 return describe(exc)
-            self.ingestor.stats.failing = None
+            stats.failing = None
         return None
 
     @classmethod
@@ -154,6 +161,7 @@ class Service:
 
     async def _on_startup(self, app: web.Application) -> None:
         del app
+        self.loop_lag.start(asyncio.get_running_loop())
         await self.store.open()
         await self.dispatcher.start()  # first: it fixes new handlers' starting point
         await self.ingestor.start()
@@ -176,6 +184,7 @@ class Service:
         await self.ingestor.stop()
         await self.dispatcher.stop()
         await self.store.close()
+        self.loop_lag.stop()
 
 
 async def serve(settings: Settings) -> None:

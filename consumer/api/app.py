@@ -20,7 +20,7 @@ from aiohttp.typedefs import Middleware
 
 from consumer.api import admin, health, tasks
 from consumer.api.context import STATUS_KEY, STORE_KEY, ApiStore, StatusFn
-from consumer.api.responses import error
+from consumer.api.responses import bad_encoding, error
 from consumer.sources.webhook import WEBHOOK_PATH, EventSink, WebhookConfig, webhook_handler
 
 __all__ = ["HttpConfig", "StatusFn", "build_app"]
@@ -74,7 +74,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = exc.reason.lower().replace(" ", "_")
         return error(exc.status, code, exc.text or exc.reason)
     except web.RequestPayloadError:
-        return error(400, "bad_encoding", "the body does not decode per its Content-Encoding")
+        return bad_encoding()
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error(500, "internal_error", "internal error; see the service log")

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-__all__ = ["error", "json_response"]
+__all__ = ["bad_encoding", "error", "json_response"]
 
 
 def json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
@@ -20,3 +20,11 @@ def json_response(body: Any, status: int = 200, **headers: str) -> web.Response:
 
 def error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": code, "message": message}, status=status)
+
+
+def bad_encoding() -> web.Response:
+    """A body whose Content-Encoding does not decode: 400, and the connection closed, since
+    the rest of that request's bytes cannot be told apart from the next request's."""
+    response = error(400, "bad_encoding", "the body does not decode per its Content-Encoding")
+    response.force_close()
+    return response

@@ -41,6 +41,7 @@ class IngestStats:
     largest_batch: int = 0
     # Why the last commit failed, until one succeeds: /readyz answers 503 meanwhile.
     failing: str | None = None
+    failing_bytes: int = 0  # the size of the message that failed, for the probe
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class Ingestor:
                 log.exception("store could not commit a message of %d bytes", len(batch[0].raw))
                 self.stats.failed += 1
                 self.stats.failing = describe(exc)
+                self.stats.failing_bytes = len(batch[0].raw)
                 _settle(batch[0].future, exc=RuntimeError("store unavailable"))
                 return
             log.warning("batch of %d failed; retrying its events one by one", len(batch))

@@ -28,7 +28,7 @@ from typing import Protocol
 
 from aiohttp import web
 
-from consumer.api.responses import error, json_response
+from consumer.api.responses import bad_encoding, error, json_response
 from consumer.core.codec import HTTP_STATUS
 from consumer.core.signature import SignatureError, verify
 from consumer.core.times import now_ms
@@ -78,7 +78,7 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
     except web.RequestPayloadError:
         # A Content-Encoding that does not decode (truncated gzip, bad deflate): the
         # sender's body can never succeed, so a 4xx, not the 500 of an unexpected error.
-        return error(400, "bad_encoding", "the body does not decode per its Content-Encoding")
+        return bad_encoding()
     if config.secret is not None:
         try:
             verify(
