@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from tests.support import REPO, wait_until_sync
 
@@ -30,9 +33,14 @@ class ServiceProcess:
         env: Mapping[str, str] | None = None,
         *,
         port: int | None = None,
+        cwd: Path = REPO,
+        preexec: Callable[[], None] | None = None,
         **extra: str,
     ) -> None:
-        """``env`` and ``extra`` are environment variables for the service, over ours."""
+        """``env`` and ``extra`` are environment variables for the service, over ours;
+        ``preexec`` runs in the child before it starts (limits, signal dispositions)."""
+        self.cwd = cwd
+        self.preexec = preexec
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = db.with_suffix(".log")
@@ -54,7 +62,8 @@ class ServiceProcess:
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO,
+                cwd=self.cwd,
+                preexec_fn=self.preexec,  # noqa: PLW1509 - limits for this child only
             )
         proc = self.proc
 
@@ -72,6 +81,23 @@ class ServiceProcess:
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log.read_text()[-2000:]}") from None
         return self
+
+    def get(self, path: str) -> tuple[int, dict[str, Any]]:
+        """``GET path``: the status and the JSON body, whatever the status."""
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}", timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def post(self, path: str, body: bytes, timeout: float = 10) -> int:
+        """``POST path`` with ``body``; the status (a timeout raises)."""
+        request = urllib.request.Request(f"{self.url}{path}", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
 
     def kill(self) -> None:
         assert self.proc is not None
