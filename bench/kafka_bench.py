@@ -114,9 +114,6 @@ async def run_bare(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
 async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[str, Any]:
     from consumer.settings import Settings
     from consumer.sources.kafka.group import KafkaSource
-
-    def kafka_source(store: Any, settings: Any, **kw: Any) -> KafkaSource:
-        return KafkaSource(store, settings.kafka_connection(), settings.kafka_source(), **kw)
     from consumer.store.sqlite.process import SQLiteProcessStore
     from consumer.store.sqlite.store import SQLiteStore
 
@@ -128,7 +125,7 @@ async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[s
         kafka_topics=topic,
         kafka_group_id=f"pw-{uuid.uuid4().hex[:8]}",
     )
-    source = kafka_source(store, settings)
+    source = KafkaSource(store, settings.kafka_connection(), settings.kafka_source())
     await source.start()
     first = 0.0
     try:
