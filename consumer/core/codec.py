@@ -183,11 +183,11 @@ def _envelope(doc: dict[str, Any], raw: bytes, event_name: str, fmt: EventFormat
         # asset.*, stream.*, ...: acknowledged and kept in the history, touch no task.
         return Event(event_id, event_name, fmt, created_at, raw)
     if not isinstance(payload, dict) or not isinstance(payload.get("task"), dict):
-        raise InvalidEvent(f"{event_name} event has no 'payload.task' object")
+        raise InvalidEvent("a task.* event has no 'payload.task' object")
     envelope_task = payload["task"]
     snapshot = envelope_task.get("snapshot")
     if not isinstance(snapshot, dict):
-        raise InvalidEvent(f"{event_name} event has no 'payload.task.snapshot' object")
+        raise InvalidEvent("a task.* event has no 'payload.task.snapshot' object")
     outer_id = envelope_task.get("id")
     if "id" not in snapshot and isinstance(outer_id, str) and outer_id:
         # The envelope names the task even when a producer trimmed the snapshot.

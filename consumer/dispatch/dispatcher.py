@@ -95,6 +95,24 @@ class _Lane:
     saved_cursor: int = -1
 
 
+class _Slot:
+    """One delivery's hold on its lane's concurrency: taken at most once at a time."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self._held = False
+
+    async def take(self) -> None:
+        if not self._held:
+            await self._slots.acquire()
+            self._held = True
+
+    def give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+
 # Waits while delivery records cannot be written: short first (a lock held by a
 # neighbour), capped so that deliveries resume within seconds of the store coming back.
 _RECORD_BACKOFF = Backoff(0.05, 5.0)
@@ -247,9 +265,12 @@ class Dispatcher:
             await thread.stop()
 
     def notify(self, changes: Sequence[ChangeRecord]) -> None:
-        """Called after a commit that recorded changes: a wake-up, the outbox has them."""
+        """Called after a commit that recorded changes: a wake-up, the outbox has them.
+        Not while every lane's backlog is full (a slow or blocked handler): there is no
+        room to read them into, and a lane that drains wakes the loop itself."""
         del changes
-        self._wake.set()
+        if any(lane.stats.queued < self._max_backlog for lane in self._lanes):
+            self._wake.set()
 
     def status(self) -> dict[str, Any]:
         return {
@@ -277,8 +298,11 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while not self._stopping.is_set():
+            # asyncio.timeout, not wait_for: no task made per wake-up, and there is one
+            # per commit while handlers keep up.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                async with asyncio.timeout(self._poll_s):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 if not await self._hold_lease():
@@ -371,6 +395,9 @@ class Dispatcher:
                     if prior is not None
                     else _Item(record),
                 )
+            # Let requests in between read batches: filling a large backlog at once
+            # would hold the receiver's loop for a long stretch.
+            await asyncio.sleep(0)
 
     def _enqueue(self, lane: _Lane, item: _Item) -> None:
         task_id = item.record.task_id
@@ -410,38 +437,49 @@ class Dispatcher:
         sub, record = lane.sub, item.record
         attempts = 0 if item.redrive else item.attempts
         first = (None if item.redrive else item.first_attempt_at) or now_ms()
-        change = PhaseChange.from_record(record)
-        if sub.where is not None and not _safe_where(sub, change):
-            lane.stats.filtered += 1
-            return
+        # The slot first, held from building the change through its first call: with a
+        # backlog of thousands of tasks waiting on a slow or blocked handler, building
+        # every change up front (validation, redaction) would spend the receiver's loop
+        # on changes that cannot be delivered yet. Retries take a slot again each time,
+        # so a change backing off holds none.
+        slot = _Slot(lane.slots)
+        await slot.take()
+        try:
+            change = PhaseChange.from_record(record)
+            if sub.where is not None and not _safe_where(sub, change):
+                lane.stats.filtered += 1
+                return
 
-        async def failed(attempt: int, error: str) -> None:
-            lane.stats.failures += 1
-            log.warning(
-                "handler %s failed on change %d (attempt %d): %s",
-                sub.name,
-                record.seq,
-                attempt,
-                error,
-            )
-            await self._record(
-                lane, item, DeliveryStatus.FAILING, attempt, first=first, error=error
-            )
+            async def failed(attempt: int, error: str) -> None:
+                lane.stats.failures += 1
+                log.warning(
+                    "handler %s failed on change %d (attempt %d): %s",
+                    sub.name,
+                    record.seq,
+                    attempt,
+                    error,
+                )
+                await self._record(
+                    lane, item, DeliveryStatus.FAILING, attempt, first=first, error=error
+                )
 
-        thread = self._threads[sub.name]
+            thread = self._threads[sub.name]
 
-        async def call(c: PhaseChange) -> None:
-            async with lane.slots:
+            async def call(c: PhaseChange) -> None:
+                await slot.take()
                 lane.stats.in_flight += 1
                 try:
                     # On the handler's own loop: this loop (the receiver's) only waits.
                     await thread.run(lambda: sub.fn(c), sub.policy.timeout_s)
                 finally:
                     lane.stats.in_flight -= 1
+                    slot.give_back()
 
-        status, attempts, error = await call_with_retries(
-            sub, change, call, attempts=attempts, first=first, on_failure=failed
-        )
+            status, attempts, error = await call_with_retries(
+                sub, change, call, attempts=attempts, first=first, on_failure=failed
+            )
+        finally:
+            slot.give_back()
         await self._record(lane, item, status, attempts, first=first, error=error)
 
     async def _record(

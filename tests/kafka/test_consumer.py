@@ -249,6 +249,15 @@ async def test_poison_records_go_to_the_dlq_with_their_reason(
         (b"y", b'{"hello": "world"}', "not_an_event"),
         (b"z", webhook_body("p3", {"id": "Z", "status": {"updatedAt": 1}}), "invalid_event"),
         (None, b"", "not_json"),
+        # Deeper than the store could write back: it used to stall the partition, its
+        # batch retried for ever.
+        (
+            b"d",
+            webhook_body("p5", snapshot("D", "running", 1, params={"x": "@"})).replace(
+                b'"@"', b"[" * 300 + b"]" * 300
+            ),
+            "too_deep",
+        ),
     ]
     records: list[tuple[bytes | None, bytes]] = [(task_key(d.body), d.body) for d in good[:20]]
     records += [(k, v) for k, v, _ in poison]

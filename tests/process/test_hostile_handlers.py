@@ -98,6 +98,7 @@ def test_a_handler_that_blocks_its_thread_does_not_stall_ingestion(
         assert service.post(HOOK, body, timeout=10) == 200
     status, ready = service.get("/readyz")
     assert status == 200 and ready["events"] == 51
+
     # The handler's own loop is the one that is stuck, and the figures say so.
     def handler_lag() -> bool:
         (figures,) = service.get("/readyz")[1]["dispatch"]["handlers"].values()
