@@ -43,7 +43,13 @@ def build_app(
     # buffering them; Content-Length is checked before reading anything.
     # The auth middleware only exists when a token is configured: nothing per request else.
     middlewares = [_errors] if config.api_token is None else [_errors, _auth(config.api_token)]
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=middlewares)
+    # auto_decompress off: the webhook receiver undoes Content-Encoding itself, so that a
+    # body that does not decode gets a JSON 400 (see consumer.sources.webhook.decoded).
+    app = web.Application(
+        client_max_size=config.max_body_bytes,
+        middlewares=middlewares,
+        handler_args={"auto_decompress": False},
+    )
     app[STORE_KEY] = store
     app[STATUS_KEY] = status
     webhook = WebhookConfig(config.webhook_secret, config.tolerance_ms, config.max_body_bytes)

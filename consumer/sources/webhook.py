@@ -7,6 +7,7 @@ when a retry may well succeed::
 
     200  accepted, or a duplicate of an accepted event
     400  not JSON, not an event envelope, or a Content-Encoding that does not decode
+    415  a Content-Encoding other than gzip or deflate
     401  missing, malformed or wrong signature; stale signature timestamp
     413  body above the size limit
     422  an event whose task cannot be used (no id, no status.phase, ...)
@@ -22,6 +23,7 @@ which decodes it where it is stored.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -34,7 +36,7 @@ from consumer.core.signature import SignatureError, verify
 from consumer.core.times import now_ms
 from consumer.store.base import Rejected
 
-__all__ = ["WEBHOOK_PATH", "EventSink", "WebhookConfig", "webhook_handler"]
+__all__ = ["WEBHOOK_PATH", "BadBody", "EventSink", "WebhookConfig", "decoded", "webhook_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +78,11 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
     except web.HTTPRequestEntityTooLarge:
         return _too_large(config)
     except web.RequestPayloadError:
-        # A Content-Encoding that does not decode (truncated gzip, bad deflate): the
-        # sender's body can never succeed, so a 4xx, not the 500 of an unexpected error.
         return bad_encoding()
+    try:
+        body = decoded(body, request.headers.get("Content-Encoding"), config.max_body_bytes)
+    except BadBody as exc:
+        return error(exc.status, exc.code, str(exc))
     if config.secret is not None:
         try:
             verify(
@@ -101,6 +105,47 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
     if isinstance(outcome, Rejected):
         return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message)
     return json_response({"status": str(outcome)})
+
+
+class BadBody(ValueError):
+    """A body whose Content-Encoding cannot be undone; ``status`` and ``code`` for the
+    answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decoded(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """``body`` with its Content-Encoding undone, at most ``limit`` bytes of it. This app
+    turns aiohttp's own decompression off (``auto_decompress``): a body that does not
+    decode then gets a JSON 400 from here, not a text error from the HTTP parser, and a
+    small body that inflates past the size limit is refused (413) without inflating it
+    all."""
+    coding = (encoding or "").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    wbits = _WBITS.get(coding)
+    if wbits is None:
+        raise BadBody(415, "unsupported_encoding", "Content-Encoding must be gzip or deflate")
+    try:
+        inflater = zlib.decompressobj(wbits)
+        out = inflater.decompress(body, limit + 1)
+        if coding == "deflate" and not out and not inflater.eof:
+            # Some senders mean raw deflate, without the zlib header.
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            out = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadBody(400, "bad_encoding", f"the body is not valid {coding} data") from None
+    if len(out) > limit:
+        raise BadBody(413, "too_large", f"body exceeds the {limit} byte limit once decoded")
+    if not inflater.eof or inflater.unused_data:
+        raise BadBody(400, "bad_encoding", f"the body is truncated or trails {coding} data")
+    return out
 
 
 def _too_large(config: WebhookConfig) -> web.Response:

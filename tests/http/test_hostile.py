@@ -114,7 +114,13 @@ async def test_out_of_range_seqs_for_dead_letters_are_400(
 
 @pytest.mark.parametrize(
     ("encoding", "body"),
-    [("deflate", b"this is not deflate"), ("gzip", b"\x1f\x8b\x08\x00broken"), ("deflate", b"")],
+    [
+        ("deflate", b"this is not deflate"),
+        ("gzip", b"\x1f\x8b\x08\x00broken"),
+        ("deflate", b""),
+        ("deflate", b"[]"),
+        ("gzip", zlib.compress(b"{}")[:-3]),
+    ],
 )
 async def test_a_body_whose_encoding_does_not_decode_is_400(
     make_client: MakeClient, encoding: str, body: bytes
@@ -125,6 +131,24 @@ async def test_a_body_whose_encoding_does_not_decode_is_400(
     assert response.status == 400
     assert (await response.json())["error"] in ("bad_encoding", "not_json")
     assert (await service.store.stats()).events == 0
+
+
+async def test_an_unsupported_encoding_is_415(make_client: MakeClient) -> None:
+    client, _ = await make_client(webhook_secret=None)
+    headers = {"Content-Encoding": "br", "Content-Type": "application/json"}
+    response = await client.post(PATH, data=b"\x0b\x02\x80{}\x03", headers=headers)
+    assert response.status == 415
+    assert (await response.json())["error"] == "unsupported_encoding"
+
+
+async def test_a_body_that_inflates_past_the_limit_is_413(make_client: MakeClient) -> None:
+    """A small compressed body must not be inflated in full past the size limit."""
+    client, _ = await make_client(webhook_secret=None, webhook_max_body_bytes=10_000)
+    bomb = zlib.compress(b" " * 5_000_000)  # 5 MB of spaces in a few KB
+    headers = {"Content-Encoding": "deflate", "Content-Type": "application/json"}
+    response = await client.post(PATH, data=bomb, headers=headers)
+    assert response.status == 413
+    assert (await response.json())["error"] == "too_large"
 
 
 async def test_a_compressed_body_is_verified_as_livepeer_signed_it(make_client: MakeClient) -> None:
