@@ -22,9 +22,10 @@ from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
 from consumer.dispatch.subscription import Subscription
 from consumer.lag import LoopLag
-from consumer.settings import Settings
+from consumer.settings import ConfigError, Settings
 from consumer.sources.group_commit import Ingestor, describe
 from consumer.sources.kafka.group import KafkaSource
+from consumer.sources.kafka.options import BrokersUnreachable
 from consumer.sources.kafka.producers import KafkaForwarder
 from consumer.sources.webhook import EventSink
 from consumer.store.base import Store
@@ -165,10 +166,13 @@ class Service:
         await self.store.open()
         await self.dispatcher.start()  # first: it fixes new handlers' starting point
         await self.ingestor.start()
-        if self.kafka is not None:
-            await self.kafka.start()
-        if self.forwarder is not None:
-            await self.forwarder.start()
+        try:
+            if self.kafka is not None:
+                await self.kafka.start()
+            if self.forwarder is not None:
+                await self.forwarder.start()
+        except BrokersUnreachable as exc:
+            raise ConfigError(f"PHASEWATCH_KAFKA_BOOTSTRAP_SERVERS: {exc}") from exc
         if self.settings.webhook_secret is None:
             log.warning(
                 "PHASEWATCH_WEBHOOK_SECRET is not set: UNSIGNED webhooks are accepted. "
@@ -201,7 +205,13 @@ async def serve(settings: Settings) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"PHASEWATCH_HTTP_HOST/PHASEWATCH_HTTP_PORT: cannot listen on"
+                f" {settings.http_host}:{settings.http_port}: {exc.strerror or exc}"
+            ) from exc
         log.info(
             "phasewatch listening on http://%s:%d (store %s, %d handler(s))",
             settings.http_host,

@@ -5,15 +5,46 @@ service, the CLI and the tests build a :class:`Settings` and pass what each part
 
 from __future__ import annotations
 
+import difflib
+import logging
+from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.dispatch.policy import DeliveryPolicy
 from consumer.sources.kafka.options import KafkaConnection, SourceOptions
 
-__all__ = ["Settings"]
+__all__ = ["ConfigError", "Settings", "describe_invalid"]
+
+# Read by the test suite and the benchmarks, not by the service.
+_NOT_SETTINGS = ("PHASEWATCH_TEST_", "PHASEWATCH_BENCH_", "PHASEWATCH_SHARED_DIR")
+
+
+class ConfigError(ValueError):
+    """A setting the service cannot start with. The message is one line that names the
+    ``PHASEWATCH_*`` variable and what is wrong; the CLI prints it and exits 2."""
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line for a settings validation error: each variable and what is wrong with it.
+    Values are not repeated: one of them may be a secret."""
+    parts = []
+    for problem in exc.errors():
+        where = problem["loc"][0] if problem["loc"] else ""
+        name = str(where) if str(where).startswith("PHASEWATCH_") else f"PHASEWATCH_{where}"
+        message = problem["msg"].removeprefix("Value error, ")
+        parts.append(f"{name.upper()}: {message}" if where else message)
+    return "; ".join(parts)
+
 
 _POLICY = DeliveryPolicy()  # the handler defaults, spelled once there
 
@@ -148,8 +179,35 @@ class Settings(BaseSettings):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "memory://")):
-            raise ValueError("database_url must start with sqlite:/// or memory://")
+            raise ValueError("must start with sqlite:/// or memory://")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if not isinstance(logging.getLevelName(value.upper()), int):
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return value.upper()
+
+    @classmethod
+    def unknown_variables(cls, environ: Mapping[str, str]) -> list[str]:
+        """``PHASEWATCH_*`` names in ``environ`` that no setting reads (a typo is ignored
+        silently otherwise), each with the nearest known name when there is one."""
+        known = set()
+        for name, info in cls.model_fields.items():
+            known.add(f"PHASEWATCH_{name.upper()}")
+            alias = info.validation_alias
+            if isinstance(alias, AliasChoices):
+                known.update(str(choice) for choice in alias.choices)
+        found = []
+        for variable in sorted(environ):
+            if not variable.startswith("PHASEWATCH_") or variable in known:
+                continue
+            if variable.startswith(_NOT_SETTINGS):
+                continue
+            close = difflib.get_close_matches(variable, known, n=1)
+            found.append(f"{variable} (did you mean {close[0]}?)" if close else variable)
+        return found
 
     def topics(self) -> list[str]:
         return [t.strip() for t in self.kafka_topics.split(",") if t.strip()]

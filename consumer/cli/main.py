@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -28,7 +29,7 @@ from consumer.core.signature import sign
 from consumer.core.times import parse_time
 from consumer.dispatch.loading import HandlerLoadError
 from consumer.service import open_store, serve
-from consumer.settings import Settings
+from consumer.settings import ConfigError, Settings, describe_invalid
 from consumer.store.base import DeliveryStatus, StoreOpenError, TaskQuery
 
 __all__ = ["main"]
@@ -94,15 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"phasewatch: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"phasewatch: {describe_invalid(exc)}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for unknown in Settings.unknown_variables(os.environ):
+        logging.getLogger("consumer.settings").warning(
+            "%s is not a phasewatch setting: ignored", unknown
+        )
     try:
         return _command(settings, args)
-    except (HandlerLoadError, StoreOpenError) as exc:
+    except (HandlerLoadError, StoreOpenError, ConfigError) as exc:
         # The user's configuration, module or file, not phasewatch: one line naming it,
         # no traceback.
         print(f"phasewatch: {exc}", file=sys.stderr)

@@ -85,6 +85,7 @@ async def test_notifications_retry_dead_letter_and_redrive(
     await wait_until(redelivered, "the re-driven notification")
     assert orjson.loads(receiver.received[4].body)["taskId"] == "B"
     assert (await (await client.get("/dead-letters", headers=auth)).json())["deadLetters"] == []
+
     # The receiver has the request before the handler returns and its record is written.
     def counted() -> bool:
         status = service.dispatcher.status()["handlers"]["http-notify"]

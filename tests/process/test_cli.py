@@ -43,7 +43,10 @@ def test_help_documents_configuration() -> None:
 
 def test_bad_configuration_is_a_clear_error() -> None:
     result = run("tasks", "list", env={"PHASEWATCH_DATABASE_URL": "oracle://db"})
-    assert result.returncode == 2 and "database_url" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "phasewatch: PHASEWATCH_DATABASE_URL: must start with sqlite:/// or memory://"
+    )
 
 
 def test_send_then_query_the_store(tmp_path: Path) -> None:

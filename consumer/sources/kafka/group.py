@@ -43,6 +43,7 @@ from consumer.core.secrets import redact_text
 from consumer.core.times import now_ms
 from consumer.sources.group_commit import ChangeSink, describe
 from consumer.sources.kafka.options import (
+    BrokersUnreachable,
     KafkaConnection,
     SourceOptions,
     client_options,
@@ -146,8 +147,15 @@ class KafkaSource:
             auto_offset_reset="earliest",
             max_poll_records=self._options.max_batch,
         )
-        await self._dlq.start()
-        await self._consumer.start()
+        try:
+            await self._dlq.start()
+            await self._consumer.start()
+        except KafkaError as exc:
+            await self._dlq.stop()
+            await self._consumer.stop()
+            raise BrokersUnreachable(
+                f"cannot reach the brokers at {self._connection.bootstrap_servers}: {exc}"
+            ) from exc
         self._consumer.subscribe(self._topics, listener=_Listener(self))
         self._task = asyncio.create_task(self._run(), name="kafka-source")
         self._task.add_done_callback(self._run_ended)

@@ -10,7 +10,18 @@ from typing import Any, Literal
 
 from aiokafka.helpers import create_ssl_context
 
-__all__ = ["KafkaConnection", "SourceOptions", "client_options", "partition_name"]
+__all__ = [
+    "BrokersUnreachable",
+    "KafkaConnection",
+    "SourceOptions",
+    "client_options",
+    "partition_name",
+]
+
+
+class BrokersUnreachable(ConnectionError):
+    """A Kafka client could not start: no broker answered at the bootstrap servers."""
+
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
