@@ -22,6 +22,7 @@ from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
 from consumer.dispatch.subscription import Subscription
 from consumer.lag import LoopLag
+from consumer.logs import ACCESS_LOGGER, AccessLogger
 from consumer.settings import ConfigError, Settings
 from consumer.sources.group_commit import Ingestor, describe
 from consumer.sources.kafka.group import KafkaSource
@@ -201,7 +202,11 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     service = Service.from_settings(settings)
-    runner = web.AppRunner(service.app, access_log=None)
+    runner = web.AppRunner(
+        service.app,
+        access_log=logging.getLogger(ACCESS_LOGGER) if settings.access_log else None,
+        access_log_class=AccessLogger,
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http_host, settings.http_port)

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         512, gt=0, description="Most events committed in one store transaction."
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text, or json: one object per line with time, level, logger, message."
+    )
+    access_log: bool = Field(False, description="Log one line per HTTP request.")
 
     # -- Kafka (all optional: without bootstrap servers phasewatch runs on webhooks alone)
     kafka_bootstrap_servers: str | None = Field(

@@ -28,6 +28,7 @@ from consumer.core.secrets import redact, redact_text
 from consumer.core.signature import sign
 from consumer.core.times import parse_time
 from consumer.dispatch.loading import HandlerLoadError
+from consumer.logs import configure as configure_logging
 from consumer.service import open_store, serve
 from consumer.settings import ConfigError, Settings, describe_invalid
 from consumer.store.base import DeliveryStatus, StoreOpenError, TaskQuery
@@ -97,10 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"phasewatch: {describe_invalid(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     for unknown in Settings.unknown_variables(os.environ):
         logging.getLogger("consumer.settings").warning(
             "%s is not a phasewatch setting: ignored", unknown

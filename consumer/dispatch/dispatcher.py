@@ -458,6 +458,7 @@ class Dispatcher:
                     record.seq,
                     attempt,
                     error,
+                    extra=_context(sub.name, record),
                 )
                 await self._record(
                     lane, item, DeliveryStatus.FAILING, attempt, first=first, error=error
@@ -511,6 +512,7 @@ class Dispatcher:
                 lane.sub.name,
                 attempts,
                 error,
+                extra=_context(lane.sub.name, item.record),
             )
 
 
@@ -545,6 +547,16 @@ async def call_with_retries(
             await asyncio.sleep(sub.policy.backoff.delay(attempts))
             continue
         return DeliveryStatus.DONE, attempts, None
+
+
+def _context(handler: str, record: ChangeRecord) -> dict[str, Any]:
+    """What a log line about a delivery is about (fields of a JSON log line)."""
+    return {
+        "handler": handler,
+        "task_id": record.task_id,
+        "event_id": record.event_id,
+        "seq": record.seq,
+    }
 
 
 def _with_attempt(change: PhaseChange, attempt: int) -> PhaseChange:

@@ -354,4 +354,9 @@ class KafkaSource:
                 record.partition,
                 record.offset,
                 why.reason,
+                extra={
+                    "topic": record.topic,
+                    "partition": record.partition,
+                    "offset": record.offset,
+                },
             )
