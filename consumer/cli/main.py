@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +25,14 @@ from pydantic import ValidationError
 
 from consumer import __version__
 from consumer.cli import replay as cli_replay
+from consumer.cli.args import phase, positive, time_ms
 from consumer.core.secrets import redact, redact_text
 from consumer.core.signature import sign
-from consumer.core.times import parse_time
 from consumer.dispatch.loading import HandlerLoadError
 from consumer.logs import configure as configure_logging
 from consumer.service import open_store, serve
 from consumer.settings import ConfigError, Settings, describe_invalid
-from consumer.store.base import DeliveryStatus, StoreOpenError, TaskQuery
+from consumer.store.base import DeliveryStatus, Store, StoreOpenError, TaskQuery
 
 __all__ = ["main"]
 
@@ -58,17 +59,24 @@ def _parser() -> argparse.ArgumentParser:
     get = tasks_sub.add_parser("get", help="print one task (credentials hidden)")
     get.add_argument("task_id")
     lst = tasks_sub.add_parser("list", help="list tasks, oldest update first")
-    lst.add_argument("--phase", action="append", default=[], help="repeatable")
+    lst.add_argument("--phase", action="append", default=[], type=phase, help="repeatable")
     lst.add_argument("--type", action="append", default=[], help="repeatable")
-    lst.add_argument("--since", help="status.updatedAt at or after (ISO-8601 or Unix ms)")
-    lst.add_argument("--limit", type=int, default=100)
+    lst.add_argument(
+        "--since", type=time_ms, help="status.updatedAt at or after (ISO-8601 or Unix ms)"
+    )
+    lst.add_argument("--limit", type=positive, default=100)
     lst.add_argument("--json", action="store_true", help="one JSON task per line")
+    history = tasks_sub.add_parser(
+        "history", help="a task's events in arrival order and its phase changes"
+    )
+    history.add_argument("task_id")
+    history.add_argument("--json", action="store_true", help="the API's JSON document")
 
     dead = sub.add_parser("dead-letters", help="deliveries that failed for good")
     dead_sub = dead.add_subparsers(dest="dead_command", required=True)
     dl_list = dead_sub.add_parser("list", help="list dead letters")
     dl_list.add_argument("--handler")
-    dl_list.add_argument("--limit", type=int, default=100)
+    dl_list.add_argument("--limit", type=positive, default=100)
     dl_list.add_argument("--json", action="store_true", help="one JSON object per line")
     for verb, text in (("retry", "deliver again (attempts start over)"), ("drop", "give up")):
         p = dead_sub.add_parser(verb, help=text)
@@ -81,7 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     send = sub.add_parser("send", help="POST a deliveries file to a webhook endpoint")
     send.add_argument("file", type=Path, help='JSONL: {"signature": ..., "body": ...} per line')
     send.add_argument("--url", default="http://127.0.0.1:8080/webhooks/livepeer")
-    send.add_argument("--concurrency", type=int, default=8)
+    send.add_argument("--concurrency", type=positive, default=8)
+    send.add_argument(
+        "--wait",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for the server to come up (default 10)",
+    )
     send.add_argument(
         "--in-order", action="store_true", help="send one at a time, sorted by status.updatedAt"
     )
@@ -151,19 +166,28 @@ async def _tasks(settings: Settings, args: argparse.Namespace) -> int:
             sys.stdout.write(orjson.dumps(redact(stored.task), option=orjson.OPT_INDENT_2).decode())
             sys.stdout.write("\n")
             return 0
-        since = parse_time(args.since) if args.since else None
-        page = await store.list_tasks(
-            TaskQuery(tuple(args.phase), tuple(args.type), since, None, args.limit)
-        )
-        for stored in page.tasks:
-            if args.json:
+        if args.tasks_command == "history":
+            return await _history(store, args.task_id, as_json=args.json)
+        query = TaskQuery(tuple(args.phase), tuple(args.type), args.since, None, args.limit)
+        page = await store.list_tasks(query)
+        if args.json:
+            for stored in page.tasks:
                 print(orjson.dumps(redact(stored.task)).decode())
-            else:
-                task = stored.task
-                print(
-                    f"{task['id']}  {task.get('type', '?'):<15} {stored.phase:<10}"
-                    f" {stored.updated_at}"
-                )
+            return 0
+        print(f"{'ID':<40} {'TYPE':<15} {'PHASE':<10} UPDATED (UTC)")
+        for stored in page.tasks:
+            task = stored.task
+            kind = task.get("type") if isinstance(task.get("type"), str) else "?"
+            print(f"{stored.id:<40} {kind:<15} {stored.phase:<10} {_when(stored.updated_at)}")
+        filtered = bool(args.phase or args.type or args.since is not None)
+        shown = len(page.tasks)
+        if not filtered:
+            total = (await store.stats()).tasks
+            print(f"showing {shown} of {total} tasks", file=sys.stderr)
+        elif page.next_cursor is not None:
+            print(f"showing {shown} tasks; more match (raise --limit)", file=sys.stderr)
+        else:
+            print(f"{shown} matching tasks", file=sys.stderr)
         return 0
     finally:
         await store.close()
@@ -197,15 +221,71 @@ async def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
         if not args.seqs and not args.all:
             print("phasewatch: name the seqs to act on, or pass --all", file=sys.stderr)
             return 2
+        unknown: list[int] = []
+        if args.seqs:
+            dead = await store.list_deliveries([DeliveryStatus.DEAD], args.handler, 1_000_000)
+            unknown = sorted(set(args.seqs) - {d.seq for d in dead})
         to = DeliveryStatus.REDRIVE if args.dead_command == "retry" else DeliveryStatus.DROPPED
         moved = await store.set_delivery_status(
             DeliveryStatus.DEAD, to, handler=args.handler, seqs=args.seqs or None
         )
         verb = "queued for retry" if to is DeliveryStatus.REDRIVE else "dropped"
         print(f"{moved} dead letter(s) {verb}")
+        if unknown:
+            listed = ", ".join(map(str, unknown))
+            whose = f" of handler {args.handler}" if args.handler else ""
+            print(f"phasewatch: no dead letter{whose} with seq {listed}", file=sys.stderr)
+            return 1
         return 0
     finally:
         await store.close()
+
+
+def _when(ms: int | float) -> str:
+    """Unix ms as ISO-8601 UTC; a value out of range as it is."""
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+
+
+async def _history(store: Store, task_id: str, *, as_json: bool) -> int:
+    events = await store.task_history(task_id)
+    if not events:
+        print("phasewatch: no task with this id", file=sys.stderr)
+        return 1
+    changes = await store.task_changes(task_id)
+    if as_json:
+        doc = {
+            "taskId": task_id,
+            "events": [
+                {
+                    "seq": e.seq,
+                    "eventId": e.event_id,
+                    "event": e.kind,
+                    "source": e.source,
+                    "receivedAt": e.received_at,
+                    "createdAt": e.created_at,
+                }
+                for e in events
+            ],
+            "phaseChanges": [
+                {"seq": c.seq, "previousPhase": c.previous_phase, "phase": c.phase} for c in changes
+            ],
+        }
+        print(orjson.dumps(doc).decode())
+        return 0
+    print(f"{'SEQ':>8}  {'RECEIVED (UTC)':<29} {'SOURCE':<13} {'EVENT':<16} EVENT ID")
+    for e in events:
+        print(
+            f"{e.seq:>8}  {_when(e.received_at):<29} {e.source:<13} {e.kind:<16}"
+            f" {redact_text(e.event_id)}"
+        )
+    print()
+    print(f"{'SEQ':>8}  {'CHANGED (UTC)':<29} CHANGE")
+    for c in changes:
+        print(f"{c.seq:>8}  {_when(c.changed_at):<29} {c.previous_phase} -> {c.phase}")
+    return 0
 
 
 async def _send(args: argparse.Namespace) -> int:
@@ -213,6 +293,7 @@ async def _send(args: argparse.Namespace) -> int:
     if args.in_order:
         deliveries.sort(key=_order_key)
     counts: Counter[int] = Counter()
+    first_errors: dict[int, str] = {}
     secret = args.resign.encode() if args.resign else None
     limit = asyncio.Semaphore(1 if args.in_order else max(1, args.concurrency))
 
@@ -233,10 +314,18 @@ async def _send(args: argparse.Namespace) -> int:
                 },
             ) as response,
         ):
-            await response.read()
+            text = await response.text(errors="replace")
             counts[response.status] += 1
+            if not 200 <= response.status < 300:
+                first_errors.setdefault(response.status, redact_text(text.strip())[:300])
 
     async with aiohttp.ClientSession() as session:
+        if not await _server_up(session, args.url, args.wait):
+            print(
+                f"phasewatch: nothing answers at {args.url} (waited {args.wait:g} s)",
+                file=sys.stderr,
+            )
+            return 1
         if args.in_order:
             for delivery in deliveries:
                 await post(session, delivery)
@@ -244,7 +333,24 @@ async def _send(args: argparse.Namespace) -> int:
             await asyncio.gather(*(post(session, d) for d in deliveries))
     summary = ", ".join(f"{status}: {n}" for status, n in sorted(counts.items()))
     print(f"sent {len(deliveries)} deliveries to {args.url} ({summary})")
+    for status, text in sorted(first_errors.items()):
+        print(f"  first {status}: {text}")
     return 0 if all(200 <= s < 300 for s in counts) else 1
+
+
+async def _server_up(session: aiohttp.ClientSession, url: str, wait_s: float) -> bool:
+    """Whether something answers at ``url`` (any status), trying until ``wait_s`` passed:
+    `send` right after `serve` in a script must not fail on the start-up gap."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            async with session.get(url) as response:
+                await response.read()
+                return True
+        except aiohttp.ClientConnectionError:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
 
 
 def _order_key(delivery: dict[str, Any]) -> tuple[Any, ...]:

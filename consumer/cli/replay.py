@@ -41,7 +41,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from consumer.core.times import parse_time
+from consumer.cli.args import positive, time_ms
 from consumer.dispatch.loading import load_subscriptions
 from consumer.replay.archive import export_archive, import_archive
 from consumer.replay.handlers import replay_changes, replay_handlers, run_key
@@ -79,7 +79,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="reject lines whose Livepeer-Signature does not match SECRET (default: "
         "signatures are not checked; archives are trusted local files)",
     )
-    imp.add_argument("--batch-size", type=_positive, help="lines per store transaction")
+    imp.add_argument("--batch-size", type=positive, help="lines per store transaction")
     _fire_handlers_flag(imp)
     imp.set_defaults(replay_action="import")
 
@@ -91,8 +91,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "re-running: the output is rewritten from the start (with --output, FILE is "
         "replaced only once the export is complete).",
     )
-    exp.add_argument("--since", type=_time, help="event createdAt at or after (ISO-8601 or ms)")
-    exp.add_argument("--until", type=_time, help="event createdAt at or before (ISO-8601 or ms)")
+    exp.add_argument("--since", type=time_ms, help="event createdAt at or after (ISO-8601 or ms)")
+    exp.add_argument("--until", type=time_ms, help="event createdAt at or before (ISO-8601 or ms)")
     exp.add_argument("--task", metavar="ID", help="only this task's events")
     exp.add_argument("--output", "-o", type=Path, metavar="FILE", help="default: stdout")
     exp.add_argument(
@@ -116,16 +116,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         epilog="exit status: 0 done, 130 interrupted",
     )
     kafka.add_argument(
-        "--since", type=_time, required=True, help="record timestamp (ISO-8601 or ms)"
+        "--since", type=time_ms, required=True, help="record timestamp (ISO-8601 or ms)"
     )
-    kafka.add_argument("--until", type=_time, help="last record timestamp (inclusive)")
+    kafka.add_argument("--until", type=time_ms, help="last record timestamp (inclusive)")
     kafka.add_argument(
         "--topic",
         action="append",
         default=[],
         help="repeatable; default: PHASEWATCH_KAFKA_TOPICS",
     )
-    kafka.add_argument("--batch-size", type=_positive, help="records per store transaction")
+    kafka.add_argument("--batch-size", type=positive, help="records per store transaction")
     _fire_handlers_flag(kafka)
     kafka.set_defaults(replay_action="replay-kafka")
 
@@ -153,8 +153,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "continues after the last change it finished.",
         epilog="exit status: 0 done, 1 some deliveries dead, 130 interrupted",
     )
-    handlers_cmd.add_argument("--since", type=_time, required=True)
-    handlers_cmd.add_argument("--until", type=_time)
+    handlers_cmd.add_argument("--since", type=time_ms, required=True)
+    handlers_cmd.add_argument("--until", type=time_ms)
     handlers_cmd.add_argument("--task", metavar="ID")
     handlers_cmd.add_argument("--phase", action="append", default=[], help="repeatable")
     handlers_cmd.add_argument(
@@ -178,23 +178,6 @@ def _fire_handlers_flag(parser: argparse.ArgumentParser) -> None:
 def handles(args: argparse.Namespace) -> bool:
     """Whether ``args`` were parsed for one of this module's commands."""
     return getattr(args, "replay_action", None) is not None
-
-
-def _time(text: str) -> int:
-    try:
-        return parse_time(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------- commands

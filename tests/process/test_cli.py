@@ -11,7 +11,7 @@ import pytest
 
 from consumer.core.secrets import redact
 from tests.process.service_proc import PHASEWATCH, ServiceProcess
-from tests.support import FIXTURES, REPO, expected_tasks
+from tests.support import FIXTURES, REPO, expected_changes, expected_tasks
 
 pytestmark = pytest.mark.slow
 
@@ -74,9 +74,68 @@ def test_send_then_query_the_store(tmp_path: Path) -> None:
     listed = run("tasks", "list", "--phase", "failed", "--json", env=env)
     failed = {orjson.loads(line)["id"] for line in listed.stdout.splitlines()}
     assert failed == {k for k, v in expected.items() if v["status"]["phase"] == "failed"}
-    assert len(run("tasks", "list", "--limit", "1000", env=env).stdout.splitlines()) == len(
-        expected
+    table = run("tasks", "list", "--limit", "1000", env=env)
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["ID", "TYPE", "PHASE", "UPDATED", "(UTC)"]
+    assert len(rows) == len(expected)
+    assert rows[0].split()[-1].endswith("+00:00")  # readable times, not Unix ms
+    assert f"showing {len(expected)} of {len(expected)} tasks" in table.stderr
+    some = run("tasks", "list", "--limit", "2", env=env)
+    assert len(some.stdout.splitlines()) == 3 and f"of {len(expected)}" in some.stderr
+    # Arguments that can match nothing are refused, naming the argument.
+    typo = run("tasks", "list", "--phase", "complete", env=env)
+    assert typo.returncode == 2 and "not a phase: 'complete'" in typo.stderr
+    assert run("tasks", "list", "--limit", "0", env=env).returncode == 2
+    history = run("tasks", "history", task_id, env=env)
+    assert history.returncode == 0
+    changes = expected_changes("small")[task_id]
+    assert history.stdout.count(" -> ") == len(changes)
+    as_json = orjson.loads(run("tasks", "history", task_id, "--json", env=env).stdout)
+    assert [[c["previousPhase"], c["phase"]] for c in as_json["phaseChanges"]] == changes
+    assert run("tasks", "history", "nope", env=env).returncode == 1
+    unknown = run("dead-letters", "retry", "424242", env=env)
+    assert unknown.returncode == 1 and "no dead letter with seq 424242" in unknown.stderr
+
+
+def test_send_waits_for_the_server(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "w.db")
+    url = f"{service.url}/webhooks/livepeer"
+    sender = subprocess.Popen(
+        [
+            PHASEWATCH,
+            "send",
+            str(FIXTURES / "small" / "deliveries.jsonl"),
+            "--url",
+            url,
+            "--wait",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+    try:
+        service.start()  # after send began: it must have waited, not failed
+        out, err = sender.communicate(timeout=120)
+        assert sender.returncode == 0, err
+        assert "200: 289" in out
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+        service.stop()
+
+
+def test_send_gives_up_when_nothing_answers() -> None:
+    result = run(
+        "send",
+        str(FIXTURES / "small" / "deliveries.jsonl"),
+        "--url",
+        "http://127.0.0.1:9/webhooks/livepeer",
+        "--wait",
+        "0.5",
+    )
+    assert result.returncode == 1 and "nothing answers" in result.stderr
 
 
 def test_send_resign_against_a_fresh_window(tmp_path: Path) -> None:
@@ -85,6 +144,8 @@ def test_send_resign_against_a_fresh_window(tmp_path: Path) -> None:
         url = f"{service.url}/webhooks/livepeer"
         stale = run("send", str(FIXTURES / "small" / "deliveries.jsonl"), "--url", url)
         assert stale.returncode == 1 and "401" in stale.stdout
+        # What was wrong, once per status: the server's own error body.
+        assert "first 401:" in stale.stdout and "bad_signature" in stale.stdout
         fresh = run(
             "send",
             str(FIXTURES / "small" / "deliveries.jsonl"),
