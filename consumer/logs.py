@@ -70,10 +70,33 @@ class _JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+# aiokafka logs these at ERROR while a group forms or a broker starts: conditions it
+# retries by itself, and that phasewatch reports (readiness, start-up errors) if they last.
+_TRANSIENT = (
+    "GroupCoordinatorNotAvailable",
+    "CoordinatorNotAvailable",
+    "NotCoordinator",
+    "CoordinatorLoadInProgress",
+    "NodeNotReady",
+    "Unable connect to",
+    "Unable to update metadata",
+)
+
+
+class _TransientKafka(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("aiokafka") and record.levelno == logging.ERROR:
+            text = record.getMessage()
+            if any(mark in text for mark in _TRANSIENT):
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(level: str, fmt: LogFormat = "text") -> None:
     """Set up the root logger once, at the edge (the CLI)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    handler.addFilter(_TransientKafka())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

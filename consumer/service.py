@@ -91,6 +91,7 @@ class Service:
                 sink = self.forwarder
         secret = settings.webhook_secret
         token = settings.api_token
+        self.loop_lag = LoopLag()  # of the loop serving webhooks and the API
         self.app = build_app(
             self.store,
             sink,
@@ -99,10 +100,11 @@ class Service:
                 tolerance_ms=settings.webhook_tolerance_s * 1000,
                 max_body_bytes=settings.webhook_max_body_bytes,
                 api_token=token.get_secret_value() if token else None,
+                liveness_max_lag_s=settings.liveness_max_lag_s,
             ),
             self.status,
+            lambda: self.loop_lag.seconds,
         )
-        self.loop_lag = LoopLag()  # of the loop serving webhooks and the API
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
 

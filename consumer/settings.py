@@ -108,6 +108,11 @@ class Settings(BaseSettings):
         "text", description="text, or json: one object per line with time, level, logger, message."
     )
     access_log: bool = Field(False, description="Log one line per HTTP request.")
+    liveness_max_lag_s: float = Field(
+        10.0,
+        gt=0,
+        description="/healthz answers 503 when the event loop last ran this much late.",
+    )
 
     # -- Kafka (all optional: without bootstrap servers phasewatch runs on webhooks alone)
     kafka_bootstrap_servers: str | None = Field(
@@ -122,6 +127,11 @@ class Settings(BaseSettings):
     )
     kafka_max_batch: int = Field(
         2000, gt=0, description="Most records folded and committed in one store transaction."
+    )
+    kafka_join_grace_s: float = Field(
+        30.0,
+        gt=0,
+        description="/readyz answers 503 once the consumer is out of its group this long.",
     )
     sqlite_fold_here: float = Field(
         0.7,
@@ -240,6 +250,7 @@ class Settings(BaseSettings):
             group_id=self.kafka_group_id,
             max_batch=self.kafka_max_batch,
             dlq_suffix=self.kafka_dlq_suffix,
+            join_grace_s=self.kafka_join_grace_s,
         )
 
     def delivery_policy(self) -> DeliveryPolicy:

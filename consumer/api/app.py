@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from consumer.api import admin, health, tasks
-from consumer.api.context import STATUS_KEY, STORE_KEY, ApiStore, StatusFn
+from consumer.api.context import LAG_KEY, LAG_LIMIT_KEY, STATUS_KEY, STORE_KEY, ApiStore, StatusFn
 from consumer.api.responses import bad_encoding, error
 from consumer.sources.webhook import WEBHOOK_PATH, EventSink, WebhookConfig, webhook_handler
 
@@ -34,10 +34,15 @@ class HttpConfig:
     tolerance_ms: int = 300_000
     max_body_bytes: int = 1024 * 1024
     api_token: str | None = None
+    liveness_max_lag_s: float = 10.0
 
 
 def build_app(
-    store: ApiStore, sink: EventSink, config: HttpConfig, status: StatusFn
+    store: ApiStore,
+    sink: EventSink,
+    config: HttpConfig,
+    status: StatusFn,
+    loop_lag: Callable[[], float] = lambda: 0.0,
 ) -> web.Application:
     # client_max_size makes aiohttp refuse larger bodies while reading (413) instead of
     # buffering them; Content-Length is checked before reading anything.
@@ -52,6 +57,8 @@ def build_app(
     )
     app[STORE_KEY] = store
     app[STATUS_KEY] = status
+    app[LAG_KEY] = loop_lag
+    app[LAG_LIMIT_KEY] = config.liveness_max_lag_s
     webhook = WebhookConfig(config.webhook_secret, config.tolerance_ms, config.max_body_bytes)
     app.router.add_post(WEBHOOK_PATH, webhook_handler(sink, webhook))
     app.router.add_get("/tasks", tasks.list_tasks)

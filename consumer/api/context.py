@@ -11,7 +11,15 @@ from aiohttp import web
 
 from consumer.store.base import HistoryStore, OutboxStore, ViewStore
 
-__all__ = ["MAX_PAGE", "STATUS_KEY", "STORE_KEY", "ApiStore", "StatusFn"]
+__all__ = [
+    "LAG_KEY",
+    "LAG_LIMIT_KEY",
+    "MAX_PAGE",
+    "STATUS_KEY",
+    "STORE_KEY",
+    "ApiStore",
+    "StatusFn",
+]
 
 MAX_PAGE = 1000  # most items one request lists
 
@@ -25,3 +33,5 @@ StatusFn = Callable[[], Awaitable[dict[str, Any]]]
 
 STORE_KEY = web.AppKey("store", ApiStore)
 STATUS_KEY: web.AppKey[StatusFn] = web.AppKey("status")
+LAG_KEY: web.AppKey[Callable[[], float]] = web.AppKey("loop_lag")  # seconds, this loop's
+LAG_LIMIT_KEY = web.AppKey("loop_lag_limit", float)  # /healthz fails past it

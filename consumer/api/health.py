@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from consumer.api.context import STATUS_KEY
+from consumer.api.context import LAG_KEY, LAG_LIMIT_KEY, STATUS_KEY
 from consumer.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from consumer.api.metrics import render as render_metrics
 from consumer.api.responses import error, json_response
@@ -14,8 +14,14 @@ __all__ = ["healthz", "metrics", "readyz"]
 
 
 async def healthz(request: web.Request) -> web.Response:
-    del request
-    return json_response({"status": "ok"})
+    """Liveness: the loop serving this answered, and has not been stuck for longer than
+    the limit lately (a handler or a bug blocking it: restart). A loop stuck for good
+    does not answer at all, and the probe's timeout says the same."""
+    lag = request.app[LAG_KEY]()
+    limit = request.app[LAG_LIMIT_KEY]
+    if lag > limit:
+        return error(503, "loop_stuck", f"the event loop ran {lag:.1f} s late (limit {limit:g} s)")
+    return json_response({"status": "ok", "loopLagSeconds": round(lag, 4)})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -29,7 +35,14 @@ async def readyz(request: web.Request) -> web.Response:
             {"status": "not_ready", "error": "store_failing", "message": failing, **status},
             status=503,
         )
-    failed = status.get("kafka", {}).get("failed")
+    kafka = status.get("kafka", {})
+    if kafka.get("joinOverdue"):
+        message = f"the Kafka consumer is not in its group {kafka.get('group')!s} yet"
+        return json_response(
+            {"status": "not_ready", "error": "kafka_not_joined", "message": message, **status},
+            status=503,
+        )
+    failed = kafka.get("failed")
     if failed:
         return json_response(
             {"status": "not_ready", "error": "kafka_stopped", "message": failed, **status},

@@ -369,3 +369,32 @@ async def test_a_fault_in_the_consumer_loop_is_reported_not_silent(
     finally:
         await source.stop()  # does not raise: the failure was reported when it happened
         await store.close()
+
+
+async def test_a_member_without_partitions_is_in_its_group(
+    kafka_broker: KafkaBroker, kafka_topic_factory: Any, tmp_path: Path
+) -> None:
+    """Two members, one partition: both are in the group, one owns nothing, and neither
+    is reported overdue (/readyz stays 200 for both)."""
+    topic = await kafka_topic_factory(partitions=1)
+    settings = kafka_settings(kafka_broker, topic)
+    stores = [SQLiteStore(tmp_path / f"m{i}.db") for i in range(2)]
+    for store in stores:
+        await store.open()
+    sources = [kafka_source(store, settings) for store in stores]
+    for source in sources:
+        await source.start()
+    try:
+
+        def settled() -> bool:
+            figures = [s.status() for s in sources]
+            owned = sorted(len(f["assigned"]) for f in figures)
+            return all(f["joined"] for f in figures) and owned == [0, 1]
+
+        await wait_until(settled, "both members in the group, one partition between them")
+        assert not any(s.status()["joinOverdue"] for s in sources)
+    finally:
+        for source in sources:
+            await source.stop()
+        for store in stores:
+            await store.close()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,9 +98,13 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             await self._source.drain()
             for tp in revoked:
                 self._source.stats.lag.pop(_tp_name(tp), None)
+        self._source.left_group()
         log.info("partitions revoked: %s", sorted(_tp_name(tp) for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
+        # Called after every join, with an empty set too: a group may have more members
+        # than partitions, and such a member is still a member (and ready).
+        self._source.joined_group()
         log.info("partitions assigned: %s", sorted(_tp_name(tp) for tp in assigned))
 
 
@@ -136,6 +141,7 @@ class KafkaSource:
         self.batch_lock = asyncio.Lock()
         self.stats = KafkaStats()
         self.failure: str | None = None  # why consumption stopped, if it did by itself
+        self._out_since: float | None = time.monotonic()  # not in the group since
 
     async def start(self) -> None:
         options = client_options(self._connection)
@@ -185,12 +191,22 @@ class KafkaSource:
         if self._dlq is not None:
             await self._dlq.stop()
 
+    def joined_group(self) -> None:
+        self._out_since = None
+
+    def left_group(self) -> None:
+        self._out_since = time.monotonic()
+
     def status(self) -> dict[str, Any]:
         assigned = self._consumer.assignment() if self._consumer is not None else set()
+        out_s = None if self._out_since is None else time.monotonic() - self._out_since
         return {
             "topics": self._topics,
             "group": self._options.group_id,
             "assigned": sorted(_tp_name(tp) for tp in assigned),
+            "joined": out_s is None,
+            # Out of the group past the grace period: /readyz answers 503.
+            "joinOverdue": out_s is not None and out_s > self._options.join_grace_s,
             "failed": self.failure,
             **self.stats.as_dict(),
         }

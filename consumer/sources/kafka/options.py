@@ -53,6 +53,9 @@ class SourceOptions:
     group_id: str = "phasewatch"
     max_batch: int = 2000
     dlq_suffix: str = ".dlq"
+    # How long the member may be out of its group (starting, or between a revocation and
+    # the next assignment) before /readyz says so.
+    join_grace_s: float = 30.0
 
 
 def client_options(connection: KafkaConnection) -> dict[str, Any]:
