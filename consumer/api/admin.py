@@ -71,6 +71,8 @@ async def _move_dead(request: web.Request, to: DeliveryStatus) -> web.Response:
         return error(400, "bad_request", "handler must be a string")
     if seqs is not None and not (isinstance(seqs, list) and all(map(_is_seq, seqs))):
         return error(400, "bad_request", "seqs must be a list of 64-bit integers")
+    if "all" in body and not isinstance(body["all"], bool):
+        return error(400, "bad_request", "all must be true or false")
     if seqs is None and body.get("all") is not True:
         return error(400, "bad_request", 'name the seqs, or pass "all": true')
     moved = await request.app[STORE_KEY].set_delivery_status(

@@ -20,7 +20,8 @@ from aiohttp.typedefs import Middleware
 
 from consumer.api import admin, health, tasks
 from consumer.api.context import LAG_KEY, LAG_LIMIT_KEY, STATUS_KEY, STORE_KEY, ApiStore, StatusFn
-from consumer.api.responses import bad_encoding, error
+from consumer.api.openapi import document
+from consumer.api.responses import bad_encoding, error, json_response
 from consumer.sources.webhook import WEBHOOK_PATH, EventSink, WebhookConfig, webhook_handler
 
 __all__ = ["HttpConfig", "StatusFn", "build_app"]
@@ -35,6 +36,11 @@ class HttpConfig:
     max_body_bytes: int = 1024 * 1024
     api_token: str | None = None
     liveness_max_lag_s: float = 10.0
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    del request
+    return json_response(document())
 
 
 def build_app(
@@ -70,6 +76,7 @@ def build_app(
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/openapi.json", _openapi)
     return app
 
 
@@ -85,7 +92,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status < 400:
             raise
         code = exc.reason.lower().replace(" ", "_")
-        return error(exc.status, code, exc.text or exc.reason)
+        response = error(exc.status, code, exc.text or exc.reason)
+        # Headers the status needs (Allow on a 405) survive the JSON body.
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):
+            if name in exc.headers:
+                response.headers[name] = exc.headers[name]
+        return response
     except web.RequestPayloadError:
         return bad_encoding()
     except Exception:
@@ -94,7 +106,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 # Webhooks carry their own signature; probes must work without credentials.
-_OPEN_PATHS = frozenset({WEBHOOK_PATH, "/healthz", "/readyz"})
+_OPEN_PATHS = frozenset({WEBHOOK_PATH, "/healthz", "/readyz", "/openapi.json"})
 
 
 def _auth(token: str) -> Middleware:

@@ -1,0 +1,281 @@
+"""The OpenAPI 3.1 description of every route, served at ``GET /openapi.json``.
+
+Written by hand, next to the routes it describes, and checked against them: a test holds
+that the documented paths and methods are exactly the application's routes, and runs
+schemathesis against a real ``phasewatch serve`` (no 5xx, every response as documented).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumer import __version__
+from consumer.api.context import MAX_PAGE
+
+__all__ = ["document"]
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "The request can never succeed as sent: what is wrong is in the message.",
+        401: "Missing, malformed, wrong or stale credentials.",
+        404: "No such task.",
+        413: "The body is above the size limit (before or after decoding).",
+        415: "A Content-Encoding other than gzip or deflate.",
+        422: "An event whose task cannot be used, or nested too deep.",
+        503: "Our fault, not the sender's: retry later.",
+    }
+    return {str(s): _json(_ERROR, text[s]) for s in statuses}
+
+
+_TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_AUTH = {"401": _json(_ERROR, "With PHASEWATCH_API_TOKEN set: no or a wrong bearer token.")}
+
+
+def document() -> dict[str, Any]:
+    """The document (a new dict each call)."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "phasewatch",
+            "version": __version__,
+            "description": "React to Livepeer task phase changes: the signed webhook receiver, "
+            "the materialized tasks and their history, dead letters, and the probes. "
+            "Credentials in tasks are hidden in every answer.",
+        },
+        "paths": {
+            "/webhooks/livepeer": {
+                "post": {
+                    "summary": "Receive a Livepeer webhook (signed)",
+                    "description": "2xx once the event is committed (or was already); 4xx "
+                    "never succeed on a retry; 503 only for our own faults.",
+                    "parameters": [
+                        {
+                            "name": "Livepeer-Signature",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "t=<ms>,v1=<hex HMAC-SHA256 of the body>; "
+                            "required when PHASEWATCH_WEBHOOK_SECRET is set.",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "status": {"enum": ["accepted", "duplicate", "forwarded"]}
+                                },
+                                "required": ["status"],
+                            },
+                            "Committed (accepted), already committed (duplicate), or in "
+                            "forward mode produced to Kafka (forwarded).",
+                        ),
+                        **_errors(400, 401, 413, 415, 422, 503),
+                    },
+                }
+            },
+            "/tasks": {
+                "get": {
+                    "summary": "List materialized tasks by status.updatedAt",
+                    "parameters": [
+                        _query("phase", "Comma-separated phases (repeatable)."),
+                        _query("type", "Comma-separated task types (repeatable)."),
+                        _query(
+                            "updated_since",
+                            "status.updatedAt at or after (ISO-8601 or ms).",
+                            min_length=1,
+                        ),
+                        _query("cursor", "nextCursor of the previous page.", min_length=1),
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        },
+                        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "tasks": {"type": "array", "items": {"type": "object"}},
+                                    "nextCursor": {"type": ["string", "null"]},
+                                },
+                                "required": ["tasks", "nextCursor"],
+                            },
+                            "A page of tasks, credentials hidden.",
+                        ),
+                        **_errors(400),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/tasks/{task_id}": {
+                "get": {
+                    "summary": "One materialized task (credentials hidden)",
+                    "parameters": [_TASK_ID],
+                    "responses": {
+                        "200": _json({"type": "object"}, "The task; ETag is its version."),
+                        **_errors(404),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/tasks/{task_id}/history": {
+                "get": {
+                    "summary": "A task's events in arrival order and its phase changes",
+                    "parameters": [_TASK_ID],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "taskId": {"type": "string"},
+                                    "events": {"type": "array", "items": {"type": "object"}},
+                                    "phaseChanges": {
+                                        "type": "array",
+                                        "items": {"type": "object"},
+                                    },
+                                },
+                                "required": ["taskId", "events", "phaseChanges"],
+                            },
+                            "The history; a body that cannot be shown has bodyError.",
+                        ),
+                        **_errors(404),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/dead-letters": {
+                "get": {
+                    "summary": "Deliveries that failed for good",
+                    "parameters": [
+                        _query("handler", "Only this handler's."),
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "deadLetters": {"type": "array", "items": {"type": "object"}}
+                                },
+                                "required": ["deadLetters"],
+                            },
+                            "Dead letters, each with its change and last error.",
+                        ),
+                        **_errors(400),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/dead-letters/retry": _move("Deliver dead letters again (attempts start over)"),
+            "/dead-letters/drop": _move("Give up on dead letters"),
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness: the loop serving HTTP answers in time",
+                    "responses": {
+                        "200": _json({"type": "object"}, "Alive."),
+                        "503": _json(_ERROR, "The loop ran too late: restart."),
+                    },
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness and the service's figures",
+                    "responses": {
+                        "200": _json({"type": "object"}, "Ready; the figures."),
+                        "503": _json(
+                            {"type": "object"},
+                            "Not ready (store failing, Kafka stopped or out of its group).",
+                        ),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "The figures in the Prometheus text format",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus exposition.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "503": _json(_ERROR, "The store is unavailable."),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+                }
+            },
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+                    "required": ["error", "message"],
+                }
+            }
+        },
+    }
+
+
+def _query(name: str, description: str, *, min_length: int = 0) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    if min_length:
+        schema["minLength"] = min_length
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+def _move(summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "seqs": {"type": "array", "items": {"type": "integer"}},
+                                "all": {"type": "boolean"},
+                                "handler": {"type": ["string", "null"]},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"moved": {"type": "integer"}, "to": {"type": "string"}},
+                        "required": ["moved", "to"],
+                    },
+                    "How many dead letters moved.",
+                ),
+                **_errors(400),
+                **_AUTH,
+            },
+        }
+    }
