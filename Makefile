@@ -26,7 +26,7 @@ test: $(STAMP) lint typecheck pytest
 
 ## The pure and in-process tiers only (no Kafka broker, no spawned services): under 30 s.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -q -m "not kafka and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -p no:cacheprovider -q -n 2 -m "not kafka and not slow and not fuzz" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check consumer handlers tests bench deploy

@@ -19,6 +19,8 @@ from consumer.core.codec import DecodeError, decode
 from tests.http.conftest import PATH, MakeClient
 from tests.support import deliveries
 
+pytestmark = pytest.mark.fuzz
+
 BODIES = [d.body for d in deliveries("messy")[:300]]
 
 _scalars = st.one_of(
