@@ -17,14 +17,14 @@ from typing import Any
 from aiohttp import web
 
 from consumer.api.app import HttpConfig, build_app
-from consumer.core.secrets import redact_text
+from consumer.core.secrets import describe_error, redact_text
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
 from consumer.dispatch.subscription import Subscription
 from consumer.lag import LoopLag
 from consumer.logs import ACCESS_LOGGER, AccessLogger
 from consumer.settings import ConfigError, Settings
-from consumer.sources.group_commit import Ingestor, describe
+from consumer.sources.group_commit import Ingestor
 from consumer.sources.kafka.group import KafkaSource
 from consumer.sources.kafka.options import BrokersUnreachable
 from consumer.sources.kafka.producers import KafkaForwarder
@@ -151,7 +151,7 @@ class Service:
                 await self.store.set_meta("phasewatch:probe", probe)
                 await self.store.set_meta("phasewatch:probe", None)
             except Exception as exc:
-                return describe(exc)
+                return describe_error(exc)
             stats.failing = None
         return None
 

@@ -32,7 +32,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["MARKER", "is_secret_name", "redact", "redact_text"]
+__all__ = ["MARKER", "describe_error", "is_secret_name", "redact", "redact_text"]
 
 MARKER = "[redacted]"
 
@@ -60,7 +60,7 @@ _FRAGMENTS = (
     "sharedkey",
 )
 # Query parameters that carry a signature or grant without a credential-like name.
-_SIGNING_PARAMS = frozenset({"sig", "policy", "keypairid", "xgoogcredential", "se", "sv"})
+_SIGNING_PARAMS = frozenset({"sig", "policy", "keypairid", "xgoogcredential"})
 _HEADER_KEYS = frozenset({"headers", "header", "httpheaders"})
 _NORMALISE = str.maketrans("", "", "_-. ")
 
@@ -151,6 +151,13 @@ def redact_text(text: str) -> str:
     if "=" in text or ":" in text:
         text = _PAIR.sub(_redact_pair, text)
     return text
+
+
+def describe_error(exc: BaseException, limit: int = 500) -> str:
+    """An error as logs, /readyz and dead letters show it: its type and message, with
+    credentials cut out (a handler or a driver may put a URL with userinfo in it)."""
+    text = str(exc) or type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}")[:limit]
 
 
 def redact(value: Any) -> Any:

@@ -40,7 +40,7 @@ from typing import Any
 
 from consumer.core.backoff import Backoff, Retries
 from consumer.core.change import ChangeRecord, PhaseChange
-from consumer.core.secrets import redact_text
+from consumer.core.secrets import describe_error
 from consumer.core.times import now_ms
 from consumer.dispatch.policy import DeliveryPolicy
 from consumer.dispatch.runner import HandlerThread
@@ -596,10 +596,9 @@ def _safe_where(sub: Subscription, change: PhaseChange) -> bool:
 def _describe(exc: BaseException) -> str:
     """The error as logged and kept with a dead letter: URL credentials removed, since
     handler code may put a URL with userinfo in its message."""
-    text = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
-        text = "timed out"
-    return redact_text(f"{type(exc).__name__}: {text}")[:2000]
+        return "TimeoutError: timed out"
+    return describe_error(exc, limit=2000)
 
 
 def _dead_here(owner: str) -> bool:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 from consumer.core.change import ChangeRecord
 from consumer.core.plan import Outcome
-from consumer.core.secrets import redact_text
+from consumer.core.secrets import describe_error
 from consumer.core.times import now_ms
 from consumer.store.base import RawIngestResult, Rejected, Store
 
-__all__ = ["ChangeSink", "IngestStats", "Ingestor", "describe"]
+__all__ = ["ChangeSink", "IngestStats", "Ingestor"]
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Ingestor:
             if len(batch) == 1:
                 log.exception("store could not commit a message of %d bytes", len(batch[0].raw))
                 self.stats.failed += 1
-                self.stats.failing = describe(exc)
+                self.stats.failing = describe_error(exc)
                 self.stats.failing_bytes = len(batch[0].raw)
                 _settle(batch[0].future, exc=RuntimeError("store unavailable"))
                 return
@@ -151,11 +151,6 @@ class Ingestor:
             except Exception:
                 # The changes are committed in the outbox; the dispatcher will find them.
                 log.exception("change notification failed")
-
-
-def describe(exc: BaseException) -> str:
-    """An error as /readyz and the logs name it: its type and message, credentials hidden."""
-    return redact_text(f"{type(exc).__name__}: {exc}")[:500]
 
 
 def _settle(

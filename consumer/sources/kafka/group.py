@@ -40,9 +40,9 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumer.core.backoff import Backoff, Retries
-from consumer.core.secrets import redact_text
+from consumer.core.secrets import describe_error
 from consumer.core.times import now_ms
-from consumer.sources.group_commit import ChangeSink, describe
+from consumer.sources.group_commit import ChangeSink
 from consumer.sources.kafka.options import (
     BrokersUnreachable,
     KafkaConnection,
@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 # Waits for the store, the brokers or the DLQ: short at first (a blip), capped low so that
 # a partition resumes within seconds of the fault clearing.
 STORE_BACKOFF = Backoff(0.1, 5.0)
-
-_tp_name = partition_name
 
 
 @dataclass(slots=True)
@@ -97,15 +95,15 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self._source.batch_lock:
             await self._source.drain()
             for tp in revoked:
-                self._source.stats.lag.pop(_tp_name(tp), None)
+                self._source.stats.lag.pop(partition_name(tp), None)
         self._source.left_group()
-        log.info("partitions revoked: %s", sorted(_tp_name(tp) for tp in revoked))
+        log.info("partitions revoked: %s", sorted(partition_name(tp) for tp in revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         # Called after every join, with an empty set too: a group may have more members
         # than partitions, and such a member is still a member (and ready).
         self._source.joined_group()
-        log.info("partitions assigned: %s", sorted(_tp_name(tp) for tp in assigned))
+        log.info("partitions assigned: %s", sorted(partition_name(tp) for tp in assigned))
 
 
 class KafkaSource:
@@ -172,7 +170,7 @@ class KafkaSource:
         # than stop consuming in silence.
         if task.cancelled() or (exc := task.exception()) is None:
             return
-        self.failure = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        self.failure = describe_error(exc)
         log.critical("Kafka consumption stopped: %s", self.failure, exc_info=exc)
 
     async def stop(self) -> None:
@@ -203,7 +201,7 @@ class KafkaSource:
         return {
             "topics": self._topics,
             "group": self._options.group_id,
-            "assigned": sorted(_tp_name(tp) for tp in assigned),
+            "assigned": sorted(partition_name(tp) for tp in assigned),
             "joined": out_s is None,
             # Out of the group past the grace period: /readyz answers 503.
             "joinOverdue": out_s is not None and out_s > self._options.join_grace_s,
@@ -287,7 +285,7 @@ class KafkaSource:
                 if self._stopping.is_set():
                     return False  # offsets not committed: the next owner gets it again
                 self.stats.store_retries += 1
-                self.stats.store_failing = describe(exc)
+                self.stats.store_failing = describe_error(exc)
                 log.exception("store could not commit a batch of %d; retrying", len(records))
                 await asyncio.sleep(retries.failed())
         self.stats.store_failing = None
@@ -324,7 +322,7 @@ class KafkaSource:
             for tp, position in offsets.items():
                 highwater = consumer.highwater(tp)
                 if highwater is not None:
-                    self.stats.lag[_tp_name(tp)] = max(0, highwater - position)
+                    self.stats.lag[partition_name(tp)] = max(0, highwater - position)
 
     async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
         try:

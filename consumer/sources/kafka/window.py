@@ -31,8 +31,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_tp_name = partition_name
-
 REPLAY_SOURCE = "kafka-replay"
 _POISON_SAMPLES = 20  # poison records described in the stats; the count is always exact
 
@@ -314,7 +312,7 @@ def _replay_batch(
                 stats.poison += 1
                 if len(stats.poison_samples) < _POISON_SAMPLES:
                     stats.poison_samples.append(
-                        f"{_tp_name(tp)}@{record.offset}: {exc.reason}: {str(exc)[:200]}"
+                        f"{partition_name(tp)}@{record.offset}: {exc.reason}: {str(exc)[:200]}"
                     )
         if span.next >= span.end:
             span.done = True
