@@ -18,7 +18,7 @@ from consumer.store.memory import MemoryStore
 from consumer.store.sqlite.process import SQLiteProcessStore
 from consumer.store.sqlite.store import SQLiteStore
 
-pytest_plugins = ["tests.kafka_fixtures"]
+pytest_plugins = ["tests.kafka_fixtures", "tests.pg_fixtures"]
 
 # The machines are small and shared with a broker: judge properties, not speed.
 settings.register_profile("phasewatch", deadline=None, suppress_health_check=[HealthCheck.too_slow])
