@@ -60,8 +60,21 @@ class Settings(BaseSettings):
 
     database_url: str = Field(
         "sqlite:///./phasewatch.db",
-        description="Where state lives: sqlite:///PATH (embedded default) or memory:// "
+        description="Where state lives: sqlite:///PATH (embedded default), "
+        "postgresql://USER@HOST:PORT/DB (shared by several replicas) or memory:// "
         "(nothing kept; demos and tests).",
+    )
+    database_password: SecretStr | None = Field(
+        None,
+        description="PostgreSQL password, when the URL carries none (keeps it out of the URL).",
+    )
+    database_pool_size: int = Field(
+        10, ge=2, le=1000, description="PostgreSQL connections per process (at least 2)."
+    )
+    database_migrate: bool = Field(
+        True,
+        description="Apply pending schema migrations at start (false: refuse to start "
+        "until `phasewatch migrate` has run them).",
     )
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         "FULL",
@@ -178,6 +191,18 @@ class Settings(BaseSettings):
     dispatch_max_age_s: float = Field(
         _POLICY.max_age_s, gt=0, description="Give up retrying a delivery after this many seconds."
     )
+    dispatch_lanes: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="The outbox is split into this many lanes by task id, each with its "
+        "own lease, so that replicas share delivery (order per task holds in a lane).",
+    )
+    dispatch_lease_s: float = Field(
+        15.0,
+        ge=1,
+        description="A lane whose holder stopped renewing is taken over after this long.",
+    )
     dispatch_concurrency: int = Field(
         _POLICY.concurrency,
         gt=0,
@@ -192,8 +217,16 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if not value.startswith(("sqlite:///", "memory://")):
-            raise ValueError("must start with sqlite:/// or memory://")
+        if not value.startswith(("sqlite:///", "memory://", "postgresql://", "postgres://")):
+            # Only the scheme is repeated: the rest of a URL may carry a password.
+            what = (
+                f"unknown database scheme {value.partition('://')[0]!r}"
+                if "://" in value
+                else "not a URL"
+            )
+            raise ValueError(
+                f"{what}: use sqlite:///PATH, postgresql://USER@HOST:PORT/DB or memory://"
+            )
         return value
 
     @field_validator("log_level")

@@ -447,6 +447,11 @@ class LeaseStore(Protocol):
         """Give the lease up if ``owner`` holds it (a graceful stop)."""
         ...
 
+    async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
+        """The unexpired leases whose name starts with ``prefix``: name -> holder. How a
+        process sees the others (member leases) and who holds which dispatch lane."""
+        ...
+
 
 class MetaStore(Protocol):
     """Small persistent key-value notes: checkpoints of long jobs and the like."""

@@ -248,6 +248,13 @@ class MemoryStore:
         if self._leases.get(name, ("", 0))[0] == owner:
             del self._leases[name]
 
+    async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
+        return {
+            name: owner
+            for name, (owner, expires_at) in self._leases.items()
+            if name.startswith(prefix) and expires_at >= now_ms
+        }
+
     async def stats(self) -> StoreStats:
         n = len(self._changes)
         return StoreStats(len(self._events), len(self._states), n, n, self._seq)

@@ -45,7 +45,8 @@ def test_bad_configuration_is_a_clear_error() -> None:
     result = run("tasks", "list", env={"PHASEWATCH_DATABASE_URL": "oracle://db"})
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "phasewatch: PHASEWATCH_DATABASE_URL: must start with sqlite:/// or memory://"
+        "phasewatch: PHASEWATCH_DATABASE_URL: unknown database scheme 'oracle': use"
+        " sqlite:///PATH, postgresql://USER@HOST:PORT/DB or memory://"
     )
 
 

@@ -274,6 +274,17 @@ async def test_lease_has_one_holder_until_it_expires(store: Store) -> None:
     assert await store.acquire_lease("other", "b", 1000, now_ms=2001) == "b"
 
 
+async def test_lease_holders_lists_the_unexpired_leases_of_a_prefix(store: Store) -> None:
+    await store.acquire_lease("lane:1", "a", 1000, now_ms=0)
+    await store.acquire_lease("lane:2", "b", 5000, now_ms=0)
+    await store.acquire_lease("lane_3", "c", 5000, now_ms=0)  # '_' is not a wildcard
+    await store.acquire_lease("member:a", "a", 5000, now_ms=0)
+    assert await store.lease_holders("lane:", now_ms=500) == {"lane:1": "a", "lane:2": "b"}
+    assert await store.lease_holders("lane:", now_ms=2000) == {"lane:2": "b"}  # 1 expired
+    await store.release_lease("lane:2", "b")
+    assert await store.lease_holders("lane:", now_ms=2000) == {}
+
+
 @pytest.mark.slow  # spawns (and kills) writer processes
 async def test_process_writer_restarts_after_its_child_dies(tmp_path: Path) -> None:
     store = SQLiteProcessStore(tmp_path / "p.db")

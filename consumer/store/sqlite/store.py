@@ -322,6 +322,14 @@ class SQLiteStore:
             )
         )
 
+    async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
+        # substr, not LIKE: a name may hold '%' or '_'.
+        rows = await self._read(
+            "SELECT name, owner FROM leases WHERE substr(name, 1, ?) = ? AND expires_at >= ?",
+            (len(prefix), prefix, now_ms),
+        )
+        return {str(name): str(owner) for name, owner in rows}
+
     # ------------------------------------------------------------ reads
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
