@@ -31,6 +31,7 @@ from consumer.sources.kafka.producers import KafkaForwarder
 from consumer.sources.webhook import EventSink
 from consumer.store.base import Store
 from consumer.store.memory import MemoryStore
+from consumer.store.postgres.store import PostgresStore
 from consumer.store.sqlite.process import SQLiteProcessStore
 from consumer.store.sqlite.store import SQLiteStore, path_from_url
 
@@ -47,6 +48,15 @@ def open_store(settings: Settings, *, record_updates: bool = False, serving: boo
     url = settings.database_url
     if url.startswith("memory://"):
         return MemoryStore(record_updates=record_updates)
+    if url.startswith(("postgresql://", "postgres://")):
+        password = settings.database_password
+        return PostgresStore(
+            url,
+            password=password.get_secret_value() if password else None,
+            pool_size=settings.database_pool_size,
+            record_updates=record_updates,
+            migrate=settings.database_migrate,
+        )
     path = path_from_url(url)
     if serving and settings.sqlite_writer == "process":
         return SQLiteProcessStore(

@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 __all__ = ["LocalPostgres", "find_bindir"]
@@ -40,7 +39,9 @@ def find_bindir() -> Path:
         return Path(explicit)
     candidates = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if candidates:
         return Path(candidates[-1]).parent
@@ -88,20 +89,42 @@ class LocalPostgres:
     def start(self) -> None:
         if self._as_postgres:
             # The server runs as `postgres`: it must own its directory.
-            os.chmod(self.root, 0o777)
             shutil.chown(self.root, "postgres")
         if not (self.data / "PG_VERSION").exists():
-            self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                      "--no-sync", "-E", "UTF8")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+            )
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
             " -c max_connections=200 -c fsync=on"
         )
         try:
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log_path), "-w",
-                      "-t", "60", "start", "-o", options)
+            self._run(
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log_path),
+                "-w",
+                "-t",
+                "60",
+                "start",
+                "-o",
+                options,
+            )
         except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}\n{self.log_tail()}") from exc
+            raise RuntimeError(
+                f"PostgreSQL did not start: {exc.stderr}\n{self.log_tail()}"
+            ) from exc
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``: a clean stop; ``immediate``: like a crash)."""

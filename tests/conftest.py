@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, settings
 
 from consumer.store.base import RawIngestResult, Store
 from consumer.store.memory import MemoryStore
+from consumer.store.postgres.store import PostgresStore
 from consumer.store.sqlite.process import SQLiteProcessStore
 from consumer.store.sqlite.store import SQLiteStore
 
@@ -61,6 +62,7 @@ _SPAWNS = pytest.mark.slow
         "sqlite",
         pytest.param("sqlite-process", marks=_SPAWNS),
         pytest.param("sqlite-planned", marks=_SPAWNS),
+        "postgres",
     ]
 )
 async def store(
@@ -68,7 +70,11 @@ async def store(
 ) -> AsyncIterator[Store]:
     """Every backend, opened; one behaviour suite runs against each."""
     backend: Store
-    if request.param == "memory":
+    if request.param == "postgres":
+        server = request.getfixturevalue("pg_server")
+        server.ensure_running()
+        backend = PostgresStore(await server.create_database())
+    elif request.param == "memory":
         backend = MemoryStore()
     elif request.param == "sqlite-process":
         backend = SQLiteProcessStore(tmp_path_factory.mktemp("db") / "phasewatch.db")

@@ -17,7 +17,7 @@ import importlib.util
 import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -107,7 +107,7 @@ def pg_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-async def pg_url(pg_server: PostgresServer) -> AsyncIterator[str]:
+async def pg_url(pg_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server."""
     pg_server.ensure_running()
-    yield await pg_server.create_database()
+    return await pg_server.create_database()

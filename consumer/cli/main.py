@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
+    sub.add_parser(
+        "migrate",
+        help="apply pending schema migrations to the store (serve does too, unless"
+        " PHASEWATCH_DATABASE_MIGRATE=false), then exit",
+    )
     tasks = sub.add_parser("tasks", help="read materialized tasks from the store")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
     get = tasks_sub.add_parser("get", help="print one task (credentials hidden)")
@@ -131,6 +136,8 @@ def _command(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "serve":
         _run_fast(serve(settings))
         return 0
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
     if args.command == "tasks":
         return asyncio.run(_tasks(settings, args))
     if args.command == "dead-letters":
@@ -152,6 +159,25 @@ def _run_fast(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
+
+
+async def _migrate(settings: Settings) -> int:
+    """Open the store with migrations on (whatever PHASEWATCH_DATABASE_MIGRATE says): a
+    migration Job, or an operator, runs them before the replicas start."""
+    store = open_store(settings.model_copy(update={"database_migrate": True}))
+    await store.open()
+    try:
+        applied = getattr(store, "migrations_applied", None)
+        if applied is None:
+            print("phasewatch: this store keeps no schema (memory://): nothing to migrate")
+        elif applied:
+            for step in applied:
+                print(f"applied schema {step.version}: {step.name}")
+        else:
+            print("the schema is up to date")
+        return 0
+    finally:
+        await store.close()
 
 
 async def _tasks(settings: Settings, args: argparse.Namespace) -> int:

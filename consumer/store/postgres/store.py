@@ -1,0 +1,778 @@
+"""PostgreSQL :class:`~consumer.store.base.Store`: one database that any number of
+phasewatch replicas share. With :mod:`~consumer.store.postgres.migrations`, the only code
+that speaks PostgreSQL.
+
+Driver: asyncpg (binary protocol; measured against psycopg 3 in
+``bench/pg_driver_bench.py``, see the README). A pool of ``pool_size`` connections; each
+write is one transaction on one of them, retried from scratch on a deadlock or a
+serialization failure (both mean "nothing was written, try again").
+
+**Many writers.** An ingest transaction, in this order:
+
+1. locks the batch's tasks: one ``INSERT INTO task_ids ... ON CONFLICT DO UPDATE ...
+   WHERE false`` over the ids *sorted*, which inserts the new ones and row-locks the
+   known ones without writing them. Two replicas folding the same task take turns (no
+   lost update); the fixed order cannot deadlock;
+2. reads the view rows and the stored event ids it folds against, under those locks;
+3. plans the batch (:func:`~consumer.core.plan.plan_batch`, the one fold path) and
+   upserts the view rows;
+4. takes the seqs, last: ``UPDATE counters ... RETURNING``. That row lock is held until
+   ``COMMIT``, so allocation is serialized with commit and seqs become visible in commit
+   order: a reader that saw seq *n* never later finds a lower one (the contract's rule;
+   a sequence would break it, see ``tests/store/test_postgres.py``). Only the history
+   and outbox inserts and the commit itself run under it;
+5. inserts the history and outbox rows, and commits.
+
+A phase change is recorded exactly once: the task's row lock makes the second replica
+fold against the first one's committed view, where the change is already made.
+
+**Durability** is the server's: ``synchronous_commit`` as configured (on by default), so a
+2xx to a webhook sender follows a durable commit.
+
+**Leases** compare the ``now_ms`` their callers pass, like every backend: replicas on
+different hosts need clocks in step (NTP) well within the lease time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+from yarl import URL
+
+from consumer.core.change import ChangeRecord
+from consumer.core.codec import Event, EventFormat, decode
+from consumer.core.fold import TaskState
+from consumer.core.plan import DedupKey, decode_keys, encode_keys, plan_batch
+from consumer.store.base import (
+    Cursor,
+    Delivery,
+    DeliveryStatus,
+    HistoryEntry,
+    IngestResult,
+    RawIngestResult,
+    StoredTask,
+    StoreOpenError,
+    StoreStats,
+    TaskPage,
+    TaskQuery,
+    ingest_decoded,
+)
+from consumer.store.migrations import Migration, pending, too_new
+from consumer.store.postgres.migrations import MIGRATIONS
+
+__all__ = ["PostgresStore", "display_url"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Transient failures of a whole transaction: nothing was written, run it again. A unique
+# violation is one too: two replicas storing the same untasked event (no task row to
+# lock) at once; the retry finds it stored.
+_RETRY = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.UniqueViolationError,
+)
+_TX_ATTEMPTS = 8
+
+# The advisory lock key that migrations run under ("phasewatch" in ASCII, shortened).
+_MIGRATION_LOCK = 0x7068617365
+
+
+def display_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return "(an unparseable URL)"
+    return str(parsed.with_password(None)) if parsed.password else url
+
+
+def _number(value: float | None) -> int | float:
+    """A stored time as the fold keeps it: integral values as ints (Unix ms)."""
+    if value is None:
+        raise ValueError("a time column held NULL")
+    return int(value) if value.is_integer() else value
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        pool_size: int = 10,
+        record_updates: bool = False,
+        migrate: bool = True,
+        migrations: Sequence[Migration] = MIGRATIONS,
+    ) -> None:
+        self.url = url
+        self.record_updates = record_updates
+        self.migrations_applied: list[Migration] = []
+        self._password = password
+        self._pool_size = pool_size
+        self._migrate = migrate
+        self._migrations = list(migrations)
+        self._pool: asyncpg.Pool | None = None
+        # A test seam: awaited inside an ingest transaction right before COMMIT (after
+        # the seqs are taken), to hold a writer there while others run.
+        self.before_commit: Callable[[], Awaitable[None]] | None = None
+
+    @property
+    def pipeline_depth(self) -> int:
+        return 1
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        where = f"PHASEWATCH_DATABASE_URL ({display_url(self.url)})"
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                password=self._password,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=10,
+                command_timeout=60,
+                # Statements are few and fixed: keep them prepared per connection.
+                statement_cache_size=100,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise StoreOpenError(f"{where}: cannot connect: {_reason(exc)}") from exc
+        except asyncpg.InvalidPasswordError as exc:
+            raise StoreOpenError(
+                f"{where}: the server refused the credentials (PHASEWATCH_DATABASE_PASSWORD"
+                f" or the URL's password): {exc}"
+            ) from exc
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise StoreOpenError(f"{where}: {exc} (create it first)") from exc
+        except asyncpg.PostgresError as exc:
+            raise StoreOpenError(f"{where}: {exc}") from exc
+        try:
+            await self._ensure_schema(where)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _ensure_schema(self, where: str) -> None:
+        async with self._p().acquire() as con:
+            # A session lock, held across the steps' transactions: replicas starting
+            # together wait here, then find the schema migrated.
+            await con.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+            try:
+                await con.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_version ("
+                    " version integer NOT NULL, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                current = await con.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+                refusal = too_new(where, current, self._migrations)
+                if refusal is not None:
+                    raise StoreOpenError(refusal)
+                steps = pending(self._migrations, current)
+                if steps and not self._migrate:
+                    raise StoreOpenError(
+                        f"{where} is at schema {current}, this version needs"
+                        f" {len(self._migrations)}: run `phasewatch migrate`"
+                        " (PHASEWATCH_DATABASE_MIGRATE is false)"
+                    )
+                for step in steps:
+                    async with con.transaction():
+                        await con.execute(step.sql)
+                        await con.execute(
+                            "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
+                            step.version,
+                            step.name,
+                        )
+                    log.info("database migrated to schema %d: %s", step.version, step.name)
+                    self.migrations_applied.append(step)
+            finally:
+                await con.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (TimeoutError, OSError, asyncpg.PostgresError):
+                pool.terminate()
+
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("PostgresStore is not open")
+        return self._pool
+
+    async def _write(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run ``fn`` in one transaction, again from scratch after a transient conflict."""
+        for attempt in range(1, _TX_ATTEMPTS + 1):
+            try:
+                async with self._p().acquire() as con, con.transaction():
+                    return await fn(con)
+            except _RETRY:
+                if attempt == _TX_ATTEMPTS:
+                    raise
+                await asyncio.sleep(random.uniform(0, 0.002 * 2**attempt))  # noqa: S311
+        raise AssertionError("unreachable")
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._p().acquire() as con:
+            rows: list[asyncpg.Record] = await con.fetch(sql, *args)
+            return rows
+
+    # ------------------------------------------------------------ ingestion
+
+    async def ingest(
+        self,
+        events: Sequence[Event],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+    ) -> IngestResult:
+        batch = list(events)
+        return await self._write(
+            lambda con: self._ingest_in_tx(con, batch, source, received_at, record_changes)
+        )
+
+    async def ingest_raw(
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        *,
+        record_changes: bool = True,
+        keys: Sequence[bytes | None] | None = None,  # one transaction per call: unused
+    ) -> RawIngestResult:
+        del keys
+        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
+
+    async def _ingest_in_tx(
+        self,
+        con: asyncpg.Connection,
+        events: list[Event],
+        source: str,
+        received_at: int,
+        record_changes: bool,
+    ) -> IngestResult:
+        task_ids = sorted({e.task_id for e in events if e.task_id is not None})
+        states: dict[str, TaskState] = {}
+        versions: dict[str, int] = {}
+        if task_ids:
+            await con.execute(_LOCK_TASKS, task_ids)
+            for row in await con.fetch(_READ_TASKS, task_ids):
+                states[row[0]] = TaskState(orjson.loads(row[1]), decode_keys(row[2]))
+                versions[row[0]] = row[3]
+        known = await _known_events(con, events)
+        plan = plan_batch(
+            events,
+            known,
+            states,
+            record_updates=self.record_updates,
+            record_changes=record_changes,
+        )
+        if plan.states:
+            columns: list[list[Any]] = [[] for _ in range(7)]
+            for task_id, state in plan.states.items():
+                task_type = state.task.get("type")
+                version = versions.get(task_id, 0) + (task_id in plan.versions_bumped)
+                for column, value in zip(
+                    columns,
+                    (
+                        task_id,
+                        task_type if isinstance(task_type, str) else None,
+                        state.phase,
+                        float(state.updated_at),
+                        version,
+                        orjson.dumps(state.task),
+                        encode_keys(state.keys),
+                    ),
+                    strict=True,
+                ):
+                    column.append(value)
+            await con.execute(_UPSERT_TASKS, *columns)
+        new_tasks = sum(1 for t in plan.states if t not in versions)
+        base = 0
+        if plan.new_events or plan.changes or new_tasks:
+            events_top, changes_top = await con.fetchrow(
+                _ALLOCATE, len(plan.new_events), len(plan.changes), new_tasks
+            )
+            first_event = events_top - len(plan.new_events)
+            base = changes_top - len(plan.changes)
+            if plan.new_events:
+                await con.execute(
+                    _INSERT_EVENTS,
+                    list(range(first_event + 1, events_top + 1)),
+                    [e.id for e in plan.new_events],
+                    [e.task_id for e in plan.new_events],
+                    [e.kind for e in plan.new_events],
+                    [e.format.value for e in plan.new_events],
+                    source,
+                    received_at,
+                    [float(e.created_at) for e in plan.new_events],
+                    [
+                        None if e.updated_at is None else float(e.updated_at)
+                        for e in plan.new_events
+                    ],
+                    [e.raw for e in plan.new_events],
+                )
+            if plan.changes:
+                await con.execute(
+                    _INSERT_CHANGES,
+                    list(range(base + 1, changes_top + 1)),
+                    [c.task_id for c in plan.changes],
+                    [c.event_id for c in plan.changes],
+                    [c.previous_phase for c in plan.changes],
+                    [c.phase for c in plan.changes],
+                    [float(c.changed_at) for c in plan.changes],
+                    received_at,
+                    [orjson.dumps(c.task) for c in plan.changes],
+                    [c.kind for c in plan.changes],
+                )
+        if self.before_commit is not None:
+            await self.before_commit()
+        recorded = [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, base + 1)]
+        return IngestResult(plan.outcomes, recorded)
+
+    # ------------------------------------------------------------ small writes
+
+    async def set_cursor(self, handler: str, seq: int) -> None:
+        await self._write(
+            lambda con: con.execute(
+                "INSERT INTO cursors (handler, seq) VALUES ($1, $2)"
+                " ON CONFLICT (handler) DO UPDATE SET seq = excluded.seq",
+                handler,
+                seq,
+            )
+        )
+
+    async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        # One row per key: a batch may carry a failing record and the final one.
+        latest = {(d.handler, d.seq, d.replay): d for d in deliveries}
+        rows = list(latest.values())
+        await self._write(
+            lambda con: con.execute(
+                "INSERT INTO deliveries (handler, seq, replay, status, attempts,"
+                " first_attempt_at, last_attempt_at, error)"
+                " SELECT * FROM unnest($1::text[], $2::bigint[], $3::boolean[], $4::text[],"
+                " $5::integer[], $6::bigint[], $7::bigint[], $8::text[])"
+                " ON CONFLICT (handler, seq, replay) DO UPDATE SET status = excluded.status,"
+                " attempts = excluded.attempts, first_attempt_at = excluded.first_attempt_at,"
+                " last_attempt_at = excluded.last_attempt_at, error = excluded.error",
+                [d.handler for d in rows],
+                [d.seq for d in rows],
+                [d.replay for d in rows],
+                [d.status.value for d in rows],
+                [d.attempts for d in rows],
+                [d.first_attempt_at for d in rows],
+                [d.last_attempt_at for d in rows],
+                [d.error for d in rows],
+            )
+        )
+
+    async def set_delivery_status(
+        self,
+        frm: DeliveryStatus,
+        to: DeliveryStatus,
+        *,
+        handler: str | None = None,
+        seqs: Sequence[int] | None = None,
+    ) -> int:
+        result = await self._write(
+            lambda con: con.execute(
+                "UPDATE deliveries SET status = $1 WHERE status = $2"
+                " AND ($3::text IS NULL OR handler = $3)"
+                " AND ($4::bigint[] IS NULL OR seq = ANY($4))",
+                to.value,
+                frm.value,
+                handler,
+                None if seqs is None else list(seqs),
+            )
+        )
+        return int(str(result).rsplit(" ", 1)[-1])
+
+    async def acquire_lease(
+        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
+    ) -> str:
+        async def run(con: asyncpg.Connection) -> str:
+            holder = await con.fetchval(
+                "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3)"
+                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+                " expires_at = excluded.expires_at"
+                " WHERE leases.owner = excluded.owner OR leases.owner = $4"
+                " OR leases.expires_at < $5 RETURNING owner",
+                name,
+                owner,
+                now_ms + ttl_ms,
+                take_from,
+                now_ms,
+            )
+            if holder is None:  # held by another: the conflict did not update
+                holder = await con.fetchval("SELECT owner FROM leases WHERE name = $1", name)
+            return str(holder)
+
+        return await self._write(run)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        await self._write(
+            lambda con: con.execute(
+                "DELETE FROM leases WHERE name = $1 AND owner = $2", name, owner
+            )
+        )
+
+    async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
+        rows = await self._fetch(
+            "SELECT name, owner FROM leases WHERE starts_with(name, $1) AND expires_at >= $2",
+            prefix,
+            now_ms,
+        )
+        return {row[0]: row[1] for row in rows}
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._fetch("SELECT value FROM meta WHERE key = $1", key)
+        return str(rows[0][0]) if rows else None
+
+    async def set_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            await self._write(lambda con: con.execute("DELETE FROM meta WHERE key = $1", key))
+        else:
+            await self._write(
+                lambda con: con.execute(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    key,
+                    value,
+                )
+            )
+
+    # ------------------------------------------------------------ rebuild
+
+    async def stage_rebuilt(self, states: Mapping[str, TaskState]) -> None:
+        if not states:
+            return
+        columns = _rebuild_columns(states)
+        await self._write(lambda con: con.execute(_STAGE, *columns))
+
+    async def swap_rebuilt(self, upto_seq: int) -> int:
+        async def run(con: asyncpg.Connection) -> int:
+            # SHARE conflicts with the ROW EXCLUSIVE every ingest takes on task_ids first:
+            # in-flight ingests finish, new ones wait until the swap commits. So the late
+            # events read below are all there will be, and none is folded twice.
+            await con.execute("LOCK TABLE task_ids IN SHARE MODE")
+            late = [
+                decode(bytes(row[0]))
+                for row in await con.fetch(
+                    "SELECT raw FROM events WHERE seq > $1 AND task_id IS NOT NULL ORDER BY seq",
+                    upto_seq,
+                )
+            ]
+            touched = sorted({e.task_id for e in late if e.task_id is not None})
+            staged = {
+                row[0]: TaskState(orjson.loads(row[1]), decode_keys(row[2]))
+                for row in await con.fetch(
+                    "SELECT id, doc, keys FROM tasks_rebuild WHERE id = ANY($1::text[])", touched
+                )
+            }
+            plan = plan_batch(late, (), staged)
+            if plan.states:
+                await con.execute(_STAGE, *_rebuild_columns(plan.states))
+            await con.execute(
+                "DELETE FROM tasks AS t WHERE NOT EXISTS"
+                " (SELECT 1 FROM tasks_rebuild AS r WHERE r.id = t.id)"
+            )
+            await con.execute(
+                "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
+                " SELECT id, type, phase, updated_at, 0, doc, keys FROM tasks_rebuild"
+                " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
+                " updated_at = excluded.updated_at,"
+                " version = tasks.version + (tasks.doc IS DISTINCT FROM excluded.doc)::int,"
+                " doc = excluded.doc, keys = excluded.keys"
+            )
+            await con.execute("DELETE FROM tasks_rebuild")
+            count: int = await con.fetchval("SELECT count(*) FROM tasks")
+            await con.execute("UPDATE counters SET tasks = $1", count)
+            return count
+
+        return await self._write(run)
+
+    async def discard_rebuilt(self) -> None:
+        await self._write(lambda con: con.execute("DELETE FROM tasks_rebuild"))
+
+    # ------------------------------------------------------------ reads
+
+    async def get_task(self, task_id: str) -> StoredTask | None:
+        rows = await self._fetch("SELECT doc, version FROM tasks WHERE id = $1", task_id)
+        return StoredTask(orjson.loads(rows[0][0]), rows[0][1]) if rows else None
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        where: list[str] = []
+        params: list[Any] = []
+
+        def bind(value: Any) -> str:
+            params.append(value)
+            return f"${len(params)}"
+
+        if query.phases:
+            where.append(f"phase = ANY({bind(list(query.phases))}::text[])")
+        if query.types:
+            where.append(f"type = ANY({bind(list(query.types))}::text[])")
+        if query.updated_since is not None:
+            where.append(f"updated_at >= {bind(float(query.updated_since))}")
+        if query.after is not None:
+            op = "<" if query.descending else ">"
+            at = bind(float(query.after.updated_at))
+            where.append(f"(updated_at, id) {op} ({at}, {bind(query.after.task_id)})")
+        order = "DESC" if query.descending else "ASC"
+        # Only fixed fragments and $n placeholders are interpolated; values are bound.
+        sql = (
+            "SELECT doc, version, updated_at, id FROM tasks"  # noqa: S608
+            + (f" WHERE {' AND '.join(where)}" if where else "")
+            + f" ORDER BY updated_at {order}, id {order} LIMIT {bind(query.limit + 1)}"
+        )
+        rows = await self._fetch(sql, *params)
+        page = rows[: query.limit]
+        tasks = [StoredTask(orjson.loads(row[0]), row[1]) for row in page]
+        more = len(rows) > query.limit
+        cursor = Cursor(_number(page[-1][2]), page[-1][3]) if more and page else None
+        return TaskPage(tasks, cursor)
+
+    async def task_history(self, task_id: str) -> list[HistoryEntry]:
+        rows = await self._fetch(f"{_EVENT_COLUMNS} WHERE task_id = $1 ORDER BY seq", task_id)
+        return [_entry(row) for row in rows]
+
+    async def history_after(
+        self, seq: int, limit: int = 1000, *, task_id: str | None = None
+    ) -> list[HistoryEntry]:
+        if task_id is None:
+            rows = await self._fetch(
+                f"{_EVENT_COLUMNS} WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+            )
+        else:
+            rows = await self._fetch(
+                f"{_EVENT_COLUMNS} WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                task_id,
+                seq,
+                limit,
+            )
+        return [_entry(row) for row in rows]
+
+    async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
+        # COLLATE "C": the byte order Python's sort and SQLite's use, whatever the
+        # database's collation.
+        rows = await self._fetch(
+            'SELECT id FROM task_ids WHERE id COLLATE "C" > $1 ORDER BY id COLLATE "C" LIMIT $2',
+            after or "",
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def history_of_tasks(self, task_ids: Sequence[str], upto_seq: int) -> list[HistoryEntry]:
+        rows = await self._fetch(
+            f"{_EVENT_COLUMNS} WHERE task_id = ANY($1::text[]) AND seq <= $2",
+            list(task_ids),
+            upto_seq,
+        )
+        entries = [_entry(row) for row in rows]
+        entries.sort(key=lambda e: (e.task_id or "", e.seq))
+        return entries
+
+    async def task_changes(self, task_id: str) -> list[ChangeRecord]:
+        rows = await self._fetch(f"{_CHANGE_COLUMNS} WHERE task_id = $1 ORDER BY seq", task_id)
+        return [_change(row) for row in rows]
+
+    async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
+        rows = await self._fetch(
+            f"{_CHANGE_COLUMNS} WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+        )
+        return [_change(row) for row in rows]
+
+    async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]:
+        rows = await self._fetch(
+            f"{_CHANGE_COLUMNS} WHERE seq = ANY($1::bigint[]) ORDER BY seq", list(seqs)
+        )
+        return [_change(row) for row in rows]
+
+    async def get_cursor(self, handler: str) -> int | None:
+        rows = await self._fetch("SELECT seq FROM cursors WHERE handler = $1", handler)
+        return int(rows[0][0]) if rows else None
+
+    async def deliveries_for(
+        self, handler: str, seqs: Sequence[int], *, replay: bool = False
+    ) -> dict[int, Delivery]:
+        rows = await self._fetch(
+            f"{_DELIVERY_COLUMNS} WHERE handler = $1 AND replay = $2 AND seq = ANY($3::bigint[])",
+            handler,
+            replay,
+            list(seqs),
+        )
+        return {d.seq: d for d in map(_delivery, rows)}
+
+    async def list_deliveries(
+        self, statuses: Sequence[DeliveryStatus], handler: str | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        rows = await self._fetch(
+            f"{_DELIVERY_COLUMNS} WHERE status = ANY($1::text[])"
+            " AND ($2::text IS NULL OR handler = $2) ORDER BY seq, handler LIMIT $3",
+            [s.value for s in statuses],
+            handler,
+            limit,
+        )
+        return [_delivery(row) for row in rows]
+
+    async def stats(self) -> StoreStats:
+        # The counters are exact (the history is append-only, the outbox's seqs have no
+        # gaps: a rolled-back allocation rolls back with its transaction).
+        rows = await self._fetch("SELECT events, changes, tasks FROM counters")
+        events, changes, tasks = rows[0]
+        return StoreStats(events, tasks, changes, changes, events)
+
+
+async def _known_events(con: asyncpg.Connection, events: Sequence[Event]) -> list[DedupKey]:
+    tasked_tasks: list[str] = []
+    tasked_events: list[str] = []
+    untasked: list[str] = []
+    for event in events:
+        if event.task_id is None:
+            untasked.append(event.id)
+        else:
+            tasked_tasks.append(event.task_id)
+            tasked_events.append(event.id)
+    known: list[DedupKey] = []
+    if tasked_tasks:
+        known.extend(
+            (row[0], row[1]) for row in await con.fetch(_KNOWN_TASKED, tasked_tasks, tasked_events)
+        )
+    if untasked:
+        known.extend((None, row[0]) for row in await con.fetch(_KNOWN_UNTASKED, untasked))
+    return known
+
+
+def _rebuild_columns(states: Mapping[str, TaskState]) -> list[list[Any]]:
+    columns: list[list[Any]] = [[] for _ in range(6)]
+    for task_id, state in states.items():
+        task_type = state.task.get("type")
+        for column, value in zip(
+            columns,
+            (
+                task_id,
+                task_type if isinstance(task_type, str) else None,
+                state.phase,
+                float(state.updated_at),
+                orjson.dumps(state.task),
+                encode_keys(state.keys),
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    return columns
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+# Inserts the new ids and locks the known ones (WHERE false: locked, not rewritten), in
+# id order: see the module docstring.
+_LOCK_TASKS = (
+    "INSERT INTO task_ids (id) SELECT id FROM unnest($1::text[]) AS u(id) ORDER BY id"
+    " ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false"
+)
+_READ_TASKS = "SELECT id, doc, keys, version FROM tasks WHERE id = ANY($1::text[])"
+_KNOWN_TASKED = (
+    "SELECT e.task_id, e.event_id FROM unnest($1::text[], $2::text[]) AS k(task_id, event_id)"
+    " JOIN events AS e ON e.task_id = k.task_id AND e.event_id = k.event_id"
+)
+_KNOWN_UNTASKED = "SELECT event_id FROM events WHERE task_id IS NULL AND event_id = ANY($1::text[])"
+_UPSERT_TASKS = (
+    "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bigint[],"
+    " $6::bytea[], $7::bytea[])"
+    " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
+    " updated_at = excluded.updated_at, version = excluded.version, doc = excluded.doc,"
+    " keys = excluded.keys"
+)
+_ALLOCATE = (
+    "UPDATE counters SET events = events + $1, changes = changes + $2, tasks = tasks + $3"
+    " RETURNING events, changes"
+)
+_INSERT_EVENTS = (
+    "INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,"
+    " created_at, updated_at, raw)"
+    " SELECT seq, event_id, task_id, kind, format, $6, $7, created_at, updated_at, raw"
+    " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $8::float8[], $9::float8[], $10::bytea[])"
+    " AS u(seq, event_id, task_id, kind, format, created_at, updated_at, raw)"
+)
+_INSERT_CHANGES = (
+    "INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,"
+    " recorded_at, task, kind)"
+    " SELECT seq, task_id, event_id, previous_phase, phase, changed_at, $7, task, kind"
+    " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
+    " $6::float8[], $8::bytea[], $9::text[])"
+    " AS u(seq, task_id, event_id, previous_phase, phase, changed_at, task, kind)"
+)
+_STAGE = (
+    "INSERT INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
+    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bytea[],"
+    " $6::bytea[])"
+    " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
+    " updated_at = excluded.updated_at, doc = excluded.doc, keys = excluded.keys"
+)
+_EVENT_COLUMNS = (
+    "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw FROM events"
+)
+_CHANGE_COLUMNS = (
+    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind"
+    " FROM changes"
+)
+_DELIVERY_COLUMNS = (
+    "SELECT handler, seq, status, attempts, first_attempt_at, last_attempt_at, error, replay"
+    " FROM deliveries"
+)
+
+
+def _entry(row: asyncpg.Record) -> HistoryEntry:
+    seq, event_id, kind, fmt, source, received_at, created_at, task_id, raw = row
+    return HistoryEntry(
+        seq,
+        event_id,
+        kind,
+        EventFormat(fmt),
+        source,
+        received_at,
+        _number(created_at),
+        task_id,
+        bytes(raw),
+    )
+
+
+def _change(row: asyncpg.Record) -> ChangeRecord:
+    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind = row
+    return ChangeRecord(
+        seq,
+        task_id,
+        event_id,
+        previous,
+        phase,
+        _number(changed_at),
+        recorded_at,
+        orjson.loads(task),
+        kind,
+    )
+
+
+def _delivery(row: asyncpg.Record) -> Delivery:
+    handler, seq, status, attempts, first, last, error, replay = row
+    return Delivery(handler, seq, DeliveryStatus(status), attempts, first, last, error, replay)

@@ -1,0 +1,275 @@
+"""What only the PostgreSQL backend has to prove: many writers at once, changes visible
+in commit order, migrations under a lock, and clear errors when the server is away.
+
+Everything else it shares with the other backends runs in the one behaviour suite
+(``tests/store/test_store.py``, the ``store`` fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import socket
+
+import asyncpg
+import orjson
+import pytest
+
+from consumer.core.codec import decode
+from consumer.core.plan import Outcome
+from consumer.store.base import StoreOpenError
+from consumer.store.migrations import Migration
+from consumer.store.postgres.migrations import MIGRATIONS
+from consumer.store.postgres.store import PostgresStore
+from tests.pg_fixtures import PostgresServer
+from tests.support import deliveries, expected_tasks, snapshot, wait_until, webhook_body
+
+
+def ev(event_id: str, task_id: str, phase: str, t: int) -> bytes:
+    return webhook_body(event_id, snapshot(task_id, phase, t))
+
+
+async def _opened(url: str, **kwargs: object) -> PostgresStore:
+    store = PostgresStore(url, pool_size=4, **kwargs)  # type: ignore[arg-type]
+    await store.open()
+    return store
+
+
+@pytest.mark.parametrize("fixture", ["small", "messy"])
+async def test_concurrent_replicas_on_the_same_tasks_fold_to_the_expected_state(
+    pg_url: str, fixture: str
+) -> None:
+    """Four stores (four replicas' pools) ingest shuffled, overlapping batches of one
+    stream at once, every event twice: no lost update, no change recorded twice."""
+    replicas = [await _opened(pg_url) for _ in range(4)]
+    try:
+        events = [decode(d.body) for d in deliveries(fixture)]
+        rng = random.Random(7)
+        work = events * 2
+        rng.shuffle(work)
+        batches, start = [], 0
+        while start < len(work):
+            size = rng.randint(1, 40)
+            batches.append(work[start : start + size])
+            start += size
+
+        async def replica(store: PostgresStore, mine: list[list[object]]) -> None:
+            for batch in mine:
+                await store.ingest(batch, "webhook", 1)  # type: ignore[arg-type]
+
+        await asyncio.gather(
+            *(replica(s, batches[i::4]) for i, s in enumerate(replicas))  # type: ignore[arg-type]
+        )
+        reader = replicas[0]
+        expected = expected_tasks(fixture)
+        for task_id, task in expected.items():
+            stored = await reader.get_task(task_id)
+            assert stored is not None and stored.task == task
+        stats = await reader.stats()
+        assert stats.tasks == len(expected)
+        assert stats.events == len({(e.task_id, e.id) for e in events})
+        changes = await reader.changes_after(0, 100_000)
+        assert [c.seq for c in changes] == list(range(1, len(changes) + 1))
+        for task_id, task in expected.items():
+            mine = [c for c in changes if c.task_id == task_id]
+            # One chain per task: each change starts where the previous one ended, and
+            # the last ends in the materialized phase. A change recorded twice (two
+            # replicas folding against the same old view) would break the chain.
+            assert mine[0].previous_phase is None
+            for before, after in itertools.pairwise(mine):
+                assert after.previous_phase == before.phase != after.phase
+            assert mine[-1].phase == task["status"]["phase"]
+    finally:
+        for store in replicas:
+            await store.close()
+
+
+async def test_a_change_is_never_committed_behind_one_a_reader_has_seen(pg_url: str) -> None:
+    """Writer A takes its seqs and is held before COMMIT; writer B then ingests another
+    task. With seqs from a sequence B would commit seq 2 while 1 is still open, a tailing
+    reader would move its cursor to 2, and A's change would be skipped for good. Here B
+    waits for A (the allocation is serialized with commit), and the reader sees both."""
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    try:
+        held = asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold() -> None:
+            held.set()
+            await release.wait()
+
+        a.before_commit = hold
+        first = asyncio.create_task(a.ingest([decode(ev("a1", "A", "pending", 1))], "webhook", 1))
+        await held.wait()
+        second = asyncio.create_task(b.ingest([decode(ev("b1", "B", "pending", 1))], "webhook", 1))
+
+        async def b_waits_on_a_lock() -> bool:
+            con = await asyncpg.connect(pg_url)
+            try:
+                waiting = await con.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE counters%'"
+                )
+            finally:
+                await con.close()
+            return bool(waiting)
+
+        await wait_until(b_waits_on_a_lock, "B blocked behind A's commit", timeout=10)
+        seen = [c.seq for c in await b.changes_after(0)]
+        assert seen == []  # nothing committed yet: A holds 1, B waits for its turn
+        release.set()
+        await asyncio.gather(first, second)
+        cursor, read = 0, list[tuple[int, str]]()
+        while batch := await b.changes_after(cursor):
+            read.extend((c.seq, c.task_id) for c in batch)
+            cursor = batch[-1].seq
+        assert read == [(1, "A"), (2, "B")]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_history_seqs_follow_commit_order_under_concurrent_writers(pg_url: str) -> None:
+    """A reader tailing the history while eight writers commit sees every event exactly
+    once: its cursor never passes an event that commits later."""
+    writers = [await _opened(pg_url) for _ in range(4)]
+    reader = writers[0]
+    try:
+        total = 400
+        done = asyncio.Event()
+
+        async def write(n: int, store: PostgresStore) -> None:
+            for i in range(n, total, 4):
+                await store.ingest(
+                    [decode(ev(f"e{i}", f"T{i % 13}", "running", i + 1))], "webhook", 1
+                )
+
+        async def tail() -> list[int]:
+            cursor, seen = 0, list[int]()
+            while True:
+                finished = done.is_set()
+                batch = await reader.history_after(cursor, 50)
+                seen.extend(e.seq for e in batch)
+                if batch:
+                    cursor = batch[-1].seq
+                elif finished:
+                    return seen
+
+        tailer = asyncio.create_task(tail())
+        await asyncio.gather(*(write(n, s) for n, s in enumerate(writers)))
+        done.set()
+        seen = await tailer
+        assert seen == list(range(1, total + 1))
+    finally:
+        for store in writers:
+            await store.close()
+
+
+async def test_same_untasked_event_at_two_replicas_is_stored_once(pg_url: str) -> None:
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    try:
+        body = orjson.dumps(
+            {"id": "n1", "createdAt": 1, "event": "asset.ready", "payload": {"asset": {}}}
+        )
+        results = await asyncio.gather(*(s.ingest_raw([body], "webhook", 1) for s in (a, b, a, b)))
+        outcomes = sorted(str(r.outcomes[0]) for r in results)
+        assert outcomes.count(str(Outcome.ACCEPTED)) == 1
+        assert (await a.stats()).events == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_migrates_an_empty_database_once_under_concurrent_openers(pg_url: str) -> None:
+    stores = [PostgresStore(pg_url, pool_size=2) for _ in range(4)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        applied = [m.version for s in stores for m in s.migrations_applied]
+        assert sorted(applied) == [m.version for m in MIGRATIONS]  # each step by one opener
+        con = await asyncpg.connect(pg_url)
+        try:
+            versions = [r[0] for r in await con.fetch("SELECT version FROM schema_version")]
+        finally:
+            await con.close()
+        assert versions == [m.version for m in MIGRATIONS]
+    finally:
+        for s in stores:
+            await s.close()
+
+
+async def test_migrates_from_the_previous_schema_keeping_the_data(pg_url: str) -> None:
+    """A database at the current schema with data, opened by a version with one more
+    step, gets that step and keeps what it held."""
+    old = await _opened(pg_url)
+    await old.ingest([decode(ev("e1", "T", "pending", 1))], "webhook", 1)
+    await old.close()
+    step = Migration(len(MIGRATIONS) + 1, "a test step", "ALTER TABLE meta ADD COLUMN note text")
+    new = await _opened(pg_url, migrations=[*MIGRATIONS, step])
+    try:
+        assert new.migrations_applied == [step]
+        stored = await new.get_task("T")
+        assert stored is not None and stored.phase == "pending"
+    finally:
+        await new.close()
+    # The older code now refuses the newer database, in one line.
+    with pytest.raises(StoreOpenError, match=r"schema 2, newer than this version's 1"):
+        await _opened(pg_url)
+
+
+async def test_migrate_off_refuses_a_database_that_needs_steps(pg_url: str) -> None:
+    with pytest.raises(StoreOpenError, match=r"is at schema 0.*run `phasewatch migrate`"):
+        await _opened(pg_url, migrate=False)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_no_server_is_one_line_without_the_password() -> None:
+    url = f"postgresql://phasewatch:s3cret-pw@127.0.0.1:{_closed_port()}/db"
+    with pytest.raises(StoreOpenError) as info:
+        await _opened(url)
+    message = str(info.value)
+    assert message.startswith("PHASEWATCH_DATABASE_URL (postgresql://phasewatch@127.0.0.1:")
+    assert "cannot connect" in message and "s3cret-pw" not in message
+    assert "\n" not in message
+
+
+async def test_missing_database_is_named(pg_server: PostgresServer) -> None:
+    base = pg_server.admin_url.rpartition("/")[0]
+    with pytest.raises(StoreOpenError, match=r"does not exist \(create it first\)"):
+        await _opened(f"{base}/no_such_database")
+
+
+@pytest.mark.slow  # stops and restarts the session's server
+async def test_writes_fail_while_the_server_is_down_and_resume_after(
+    pg_server: PostgresServer, pg_url: str
+) -> None:
+    if not pg_server.can_restart:
+        pytest.fail("this test needs the server the fixtures started (not an external one)")
+    store = await _opened(pg_url)
+    try:
+        await store.ingest([decode(ev("e1", "T", "pending", 1))], "webhook", 1)
+        pg_server.stop()
+        try:
+            with pytest.raises((OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                await store.ingest([decode(ev("e2", "T", "running", 2))], "webhook", 2)
+        finally:
+            pg_server.start()
+
+        async def writes_again() -> bool:
+            try:
+                await store.ingest([decode(ev("e2", "T", "running", 2))], "webhook", 2)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                return False
+            return True
+
+        await wait_until(writes_again, "ingest after the server came back", timeout=30)
+        stored = await store.get_task("T")
+        assert stored is not None and stored.phase == "running"
+        assert [e.event_id for e in await store.task_history("T")] == ["e1", "e2"]
+    finally:
+        await store.close()
