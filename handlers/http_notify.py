@@ -3,10 +3,17 @@
 The body is the change's :meth:`~consumer.PhaseChange.summary` as compact JSON: the
 change and a task summary, credentials already hidden (spec §1); task params, where
 credentials live, are never sent. Requests are signed as Standard Webhooks
-(:mod:`handlers.signing`); ``webhook-id`` is ``<name>:<seq>``
-(``<name>:replay:<task>:<event>:<phase>`` for ``phasewatch replay handlers``), the same
-on every retry so the receiver can deduplicate,
-and ``webhook-attempt`` counts deliveries of that id.
+(:mod:`handlers.signing`). The change's
+:attr:`~consumer.PhaseChange.idempotency_key` is sent three times, always equal:
+
+* ``webhook-id`` (Standard Webhooks calls it the idempotency key; it is also signed);
+* ``Idempotency-Key: "<key>"``, a Structured Fields string, as the IETF
+  ``draft-ietf-httpapi-idempotency-key-header`` specifies (the key needs no escaping);
+* ``idempotencyKey`` in the body.
+
+It is the same on every retry, redelivery and replica, differs per handler name and per
+replay run, so the receiver can deduplicate on it; ``webhook-attempt`` counts
+deliveries of the change.
 
 How a response is judged, so that the dispatcher retries only what retrying can fix:
 
@@ -96,21 +103,17 @@ class _Notifier:
             await self.start()
         assert self._session is not None  # for mypy: start() sets it
         body = orjson.dumps(change.summary())
-        # A replayed change may have no outbox seq of its own: name it by what it is.
-        msg_id = (
-            f"{self._name}:replay:{change.task_id}:{change.event_id}:{change.phase}"
-            if change.replay
-            else f"{self._name}:{change.seq}"
-        )
+        msg_id = change.idempotency_key
         timestamp = int(time.time())
         headers = {
             "Content-Type": "application/json",
+            "Idempotency-Key": f'"{msg_id}"',
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
             "webhook-signature": sign(self._key, msg_id, timestamp, body),
             "webhook-attempt": str(change.attempt),
         }
-        what = f"{self._name}: POST {msg_id} to {self.target}"
+        what = f"{self._name}: POST change {change.seq} ({msg_id}) to {self.target}"
         started = time.monotonic()
         try:
             async with self._session.post(
@@ -196,8 +199,9 @@ def http_notify(
     with :func:`verify_notification`. ``phases``/``types``: only these (empty: all).
     ``timeout_s``: per request (its own default: a receiver should answer well within
     the dispatcher's 30 s). The delivery policy's defaults are
-    :class:`consumer.DeliveryPolicy`'s. ``name`` prefixes ``webhook-id``: keep it stable, or
-    receivers will not recognise retries across a rename.
+    :class:`consumer.DeliveryPolicy`'s. ``name`` goes into every idempotency key
+    (``webhook-id``): keep it stable, or receivers will not recognise redeliveries
+    across a rename.
     """
     if not isinstance(timeout_s, int | float) or isinstance(timeout_s, bool) or timeout_s <= 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")

@@ -2,13 +2,18 @@
 
 Record key: the task id, so one task's changes stay in order in one partition. Value:
 the change's :meth:`~consumer.PhaseChange.summary` as compact JSON (credentials already
-hidden). Headers: ``phasewatch.kind`` (``phase`` or ``update``), ``phasewatch.phase``
-and ``phasewatch.seq``, so consumers can route without parsing the value.
+hidden), ``idempotencyKey`` included. Headers: ``idempotency-key`` (the change's
+:attr:`~consumer.PhaseChange.idempotency_key`), ``phasewatch.kind`` (``phase`` or
+``update``), ``phasewatch.phase`` and ``phasewatch.seq``, so consumers can route and
+deduplicate without parsing the value.
 
 The producer (:class:`consumer.KafkaPublisher`: ``acks=all``, idempotent) is started by
 the subscription's ``on_start`` and stopped by ``on_stop``; a call returns once the
 broker has the record, so a failure is retried by the dispatcher. A retry after a lost
-acknowledgement can write the record twice: consumers deduplicate by ``phasewatch.seq``.
+acknowledgement, or a redelivery after a crash, can write the record twice: consumers
+deduplicate by the ``idempotency-key`` header, which (unlike ``phasewatch.seq``) is the
+same whichever replica publishes it and after the store is rebuilt from an export, and
+differs for a replayed change.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class _Publisher:
             orjson.dumps(change.summary()),
             key=change.task_id.encode(),
             headers=(
+                ("idempotency-key", change.idempotency_key.encode()),
                 ("phasewatch.kind", change.kind.encode()),
                 ("phasewatch.phase", change.phase.encode()),
                 ("phasewatch.seq", str(change.seq).encode()),

@@ -1,8 +1,9 @@
 """The built-in change log: one compact JSON line per change on a text stream.
 
 Each line is the change's :meth:`~consumer.PhaseChange.summary` (credentials already
-hidden), so ``phasewatch serve | jq`` or a log shipper reading stdout sees every phase
-change as it is delivered. Writing a line is synchronous and small; each call flushes so
+hidden; ``idempotencyKey`` included, to deduplicate lines a redelivery repeats), so
+``phasewatch serve | jq`` or a log shipper reading stdout sees every phase change as it
+is delivered. Writing a line is synchronous and small; each call flushes so
 a line is never held in a buffer across a crash.
 """
 

@@ -7,16 +7,51 @@ see: credentials hidden, the task typed. Live dispatch and replays both build it
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from consumer.core.model import Task
 from consumer.core.secrets import redact
 
-__all__ = ["ChangeKind", "ChangeRecord", "PhaseChange"]
+__all__ = ["ChangeKind", "ChangeRecord", "PhaseChange", "idempotency_key"]
 
 ChangeKind = Literal["phase", "update"]
+
+_KEY_PREFIX = "pw1_"
+_KEY_HEX_CHARS = 32
+
+
+def idempotency_key(
+    *,
+    handler: str,
+    task_id: str,
+    event_id: str,
+    kind: str,
+    previous_phase: str | None,
+    phase: str,
+    replay_run: str | None = None,
+) -> str:
+    """The :attr:`PhaseChange.idempotency_key` of one change for one handler.
+
+    ``"pw1_"`` + the first 32 hex digits of SHA-256 over the fields in this order:
+    handler, task id, event id, kind, previous phase, phase, replay run. Each field is
+    length-prefixed (``<UTF-8 byte length>:<UTF-8 bytes>``), and a None (no previous
+    phase; a live delivery's replay run) is ``-``, so no two different tuples of fields
+    give the same input. Nothing else goes in: not the seq, the attempt, a time, the
+    process or the host.
+    """
+    digest = hashlib.sha256()
+    for value in (handler, task_id, event_id, kind, previous_phase, phase, replay_run):
+        if value is None:
+            digest.update(b"-")
+        else:
+            # surrogatepass: a lone surrogate in an id still gives a key, never an error.
+            data = value.encode("utf-8", "surrogatepass")
+            digest.update(b"%d:" % len(data))
+            digest.update(data)
+    return _KEY_PREFIX + digest.hexdigest()[:_KEY_HEX_CHARS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +85,20 @@ class PhaseChange:
     ``changed_at`` is the snapshot's ``status.updatedAt`` (Unix ms); ``seq`` orders changes
     store-wide. ``attempt`` counts deliveries of this change to this handler (1 first).
     ``replay`` is True when the change is re-run by ``phasewatch replay handlers``.
+
+    ``idempotency_key`` (``pw1_`` and 32 hex digits, see :func:`idempotency_key`) names
+    this change for this handler, for a receiver to deduplicate on. It is derived from
+    the handler's name, ``task_id``, ``event_id``, ``kind``, ``previous_phase`` and
+    ``phase`` only, so it is the same every time the change is delivered to the handler:
+    on every attempt (retries, a re-driven dead letter), after a crash or restart
+    redelivers it, on whichever replica (host, process) delivers it, and when the store
+    is rebuilt from an export (the change then has another ``seq``; the key does not
+    use it, nor any time). It differs for another handler (two handlers sending to one
+    receiver never collide), for another change (any of those fields different), and
+    for replays: each ``phasewatch replay handlers`` run has a run id of its own, kept
+    when an interrupted run resumes, that goes into the key, so a replayed change never
+    has the key of its live delivery nor of another run's, and is not dropped as a
+    duplicate. Renaming a handler changes its keys.
     """
 
     task_id: str
@@ -62,13 +111,27 @@ class PhaseChange:
     kind: ChangeKind = "phase"
     attempt: int = 1
     replay: bool = False
+    idempotency_key: str = field(kw_only=True)
 
     @classmethod
     def from_record(
-        cls, record: ChangeRecord, *, attempt: int = 1, replay: bool = False
+        cls,
+        record: ChangeRecord,
+        *,
+        handler: str,
+        attempt: int = 1,
+        replay_run: str | None = None,
     ) -> PhaseChange:
-        """What a handler receives for ``record``: credentials hidden by rule, the task
-        typed (a misshapen optional value reads as None; see :class:`~consumer.Task`)."""
+        """What handler ``handler`` (its subscription's name) receives for ``record``:
+        credentials hidden by rule, the task typed (a misshapen optional value reads as
+        None; see :class:`~consumer.Task`), and its idempotency key. ``replay_run``: the
+        id of the ``replay handlers`` run re-running it (the change is then a replay);
+        None for live delivery."""
+        if not handler:
+            raise ValueError("a change is built for a handler: its name must not be empty")
+        if replay_run is not None and not replay_run:
+            raise ValueError("a replay run id must not be empty")
+        kind: ChangeKind = "update" if record.kind == "update" else "phase"
         return cls(
             task_id=record.task_id,
             previous_phase=record.previous_phase,
@@ -77,9 +140,18 @@ class PhaseChange:
             event_id=record.event_id,
             changed_at=record.changed_at,
             seq=record.seq,
-            kind="update" if record.kind == "update" else "phase",
+            kind=kind,
             attempt=attempt,
-            replay=replay,
+            replay=replay_run is not None,
+            idempotency_key=idempotency_key(
+                handler=handler,
+                task_id=record.task_id,
+                event_id=record.event_id,
+                kind=kind,
+                previous_phase=record.previous_phase,
+                phase=record.phase,
+                replay_run=replay_run,
+            ),
         )
 
     @classmethod
@@ -94,6 +166,8 @@ class PhaseChange:
         event_id: str = "example-event",
         attempt: int = 1,
         replay: bool = False,
+        handler: str = "example-handler",
+        replay_run: str = "example-replay",
     ) -> PhaseChange:
         """A change as a handler would receive it, for the user's own tests::
 
@@ -107,7 +181,9 @@ class PhaseChange:
         ``status.phase`` set to ``phase`` (default: the task's own, else ``completed``).
         It goes through :meth:`from_record` like a stored change, so credentials are
         hidden and the task validated exactly as the service would (a task the service
-        would refuse raises pydantic's ValidationError here too).
+        would refuse raises pydantic's ValidationError here too). Its
+        ``idempotency_key`` is the one the service gives the change for a handler named
+        ``handler`` (and, with ``replay=True``, in the replay run ``replay_run``).
         """
         doc = dict(task or {})
         doc.setdefault("id", "example-task")
@@ -128,14 +204,18 @@ class PhaseChange:
             task=doc,
             kind=kind,
         )
-        return cls.from_record(record, attempt=attempt, replay=replay)
+        return cls.from_record(
+            record, handler=handler, attempt=attempt, replay_run=replay_run if replay else None
+        )
 
     def summary(self) -> dict[str, Any]:
-        """A JSON-ready description for notifications: the change and a task summary
-        (id, type, phase, times, error, output asset ids), credentials already hidden."""
+        """A JSON-ready description for notifications: the change (with its
+        ``idempotencyKey``) and a task summary (id, type, phase, times, error, output
+        asset ids), credentials already hidden."""
         task = self.task
         status = task.status
         return {
+            "idempotencyKey": self.idempotency_key,
             "kind": self.kind,
             "seq": self.seq,
             "taskId": self.task_id,

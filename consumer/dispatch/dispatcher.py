@@ -445,7 +445,7 @@ class Dispatcher:
         slot = _Slot(lane.slots)
         await slot.take()
         try:
-            change = PhaseChange.from_record(record)
+            change = PhaseChange.from_record(record, handler=sub.name)
             if sub.where is not None and not _safe_where(sub, change):
                 lane.stats.filtered += 1
                 return

@@ -7,6 +7,11 @@ live path's fold; :func:`replay_handlers` delivers them to the chosen handlers m
 recorded apart from live ones (``replay`` records), so they neither suppress nor
 duplicate live deliveries. Interrupted, a re-run with the same arguments continues
 after the last change it finished.
+
+Each run has a run id of its own (random, kept in the checkpoint so that a resumed run
+keeps it, and dropped when the run completes), which goes into every replayed change's
+``idempotency_key``: a receiver that deduplicates on it tells a replay from the live
+delivery and from other replays, while a retry within one run keeps its key.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -92,6 +98,7 @@ class ReplayReport:
     dead: int = 0
     skipped: int = 0  # not wanted by the handler's filters
     resumed_from: int = 0
+    run_id: str = ""  # this run's id, in every replayed change's idempotency key
 
 
 class ReplayStore(OutboxStore, MetaStore, Protocol):
@@ -114,9 +121,11 @@ async def replay_handlers(
     job = job or Job()
     report = ReplayReport(changes=len(changes))
     checkpoint = Checkpoint(store, f"replay-handlers:{run_key}", every_s=0)
-    saved = await checkpoint.load()
-    start = int(saved) if saved else 0
-    report.resumed_from = start
+    start, run_id = _resume_point(await checkpoint.load())
+    report.resumed_from, report.run_id = start, run_id
+    # Saved before the first delivery: a run killed during it resumes with the same id,
+    # so the change it redelivers keeps its key.
+    await checkpoint.save({"next": start, "run": run_id})
     live_seqs = await _live_seqs(store, changes)
 
     async def invoke(sub: Subscription, change: PhaseChange) -> None:
@@ -128,8 +137,10 @@ async def replay_handlers(
     for index in range(start, len(changes)):
         c = changes[index]
         seq = live_seqs.get((c.task_id, c.event_id, c.phase)) or _synthetic_seq(c)
-        change = PhaseChange.from_record(c.recorded(seq, 0), replay=True)
+        record = c.recorded(seq, 0)
         for sub in subscriptions:
+            # Built per handler: the handler's name is part of the idempotency key.
+            change = PhaseChange.from_record(record, handler=sub.name, replay_run=run_id)
             if not sub.matches(change):
                 report.skipped += 1
                 continue
@@ -151,12 +162,25 @@ async def replay_handlers(
                 report.delivered += 1
             else:
                 report.dead += 1
-        await checkpoint.save(index + 1)
+        await checkpoint.save({"next": index + 1, "run": run_id})
         job.report(index + 1, len(changes))
         if job.batch_done() and index + 1 < len(changes):
             raise Interrupted(f"replay stopped after {index + 1} of {len(changes)} changes")
     await checkpoint.clear()
     return report
+
+
+def _resume_point(saved: Any) -> tuple[int, str]:
+    """(index of the next change, run id) from a checkpoint; a fresh run without one.
+    A bare index is a checkpoint of a release before run ids: resumed, with a new id."""
+    if isinstance(saved, dict):
+        run = saved.get("run")
+        return int(saved.get("next") or 0), run if isinstance(run, str) and run else _new_run()
+    return (int(saved) if saved else 0), _new_run()
+
+
+def _new_run() -> str:
+    return uuid.uuid4().hex
 
 
 async def _live_seqs(

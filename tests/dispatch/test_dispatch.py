@@ -97,23 +97,36 @@ async def test_in_order_per_task_concurrent_across_tasks(store: SQLiteStore) -> 
 
 async def test_retry_with_backoff_then_success(store: SQLiteStore) -> None:
     attempts: list[int] = []
+    keys: list[str] = []
+    other_keys: list[str] = []
 
     async def flaky(change: PhaseChange) -> None:
         attempts.append(change.attempt)
+        keys.append(change.idempotency_key)
         if len(attempts) < 3:
             raise ConnectionError("receiver down")
 
+    async def other(change: PhaseChange) -> None:
+        other_keys.append(change.idempotency_key)
+
     sub = Subscription(name="flaky", fn=flaky, backoff_s=0.05, max_attempts=5)
-    dispatcher = await running(store, sub)
+    dispatcher = await running(store, sub, Subscription(name="other", fn=other))
     await ingest_lifecycles(store, tasks=1, steps=1)
     dispatcher.notify([])
     await wait_until(
         lambda: dispatcher.status()["handlers"]["flaky"]["delivered"] == 1, "the third attempt"
     )
+    await wait_until(lambda: len(other_keys) == 1, "the change at the other handler")
     await dispatcher.stop()
     assert attempts == [1, 2, 3]
     record = (await store.deliveries_for("flaky", [1]))[1]
     assert (record.status, record.attempts) == (DeliveryStatus.DONE, 3)
+    # Every attempt carries the change's key for this handler; another handler's differs.
+    [stored] = await store.changes_by_seq([1])
+    expected = PhaseChange.from_record(stored, handler="flaky").idempotency_key
+    assert keys == [expected] * 3
+    assert other_keys == [PhaseChange.from_record(stored, handler="other").idempotency_key]
+    assert other_keys[0] != expected
 
 
 async def test_dead_letters_listed_redriven_and_dropped(store: SQLiteStore) -> None:

@@ -113,7 +113,7 @@ def test_the_codec_answers_with_an_event_or_a_typed_error(body: bytes) -> None:
     record = ChangeRecord(
         1, str(event.task_id), event.id, None, str(event.phase), 1, 1, event.snapshot
     )
-    PhaseChange.from_record(record)
+    PhaseChange.from_record(record, handler="fuzz")
 
 
 def _task_id(body: bytes, headers: dict[str, str]) -> Any:

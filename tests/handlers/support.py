@@ -74,13 +74,17 @@ def make_change(
     task_id: str = "task-1",
     kind: str = "phase",
     attempt: int = 1,
-    replay: bool = False,
+    handler: str = "test-handler",
+    replay_run: str | None = None,
+    event_id: str | None = None,
 ) -> PhaseChange:
+    """The change ``handler`` receives (a replay in run ``replay_run`` when given);
+    the event id defaults to ``evt-<seq>``."""
     assert kind in ("phase", "update")
     record = ChangeRecord(
         seq,
         task_id,
-        f"evt-{seq}",
+        f"evt-{seq}" if event_id is None else event_id,
         previous,
         phase,
         1_700_000_001_000,
@@ -88,7 +92,7 @@ def make_change(
         credentialed_task(task_id, phase, task_type),
         kind,
     )
-    return PhaseChange.from_record(record, attempt=attempt, replay=replay)
+    return PhaseChange.from_record(record, handler=handler, attempt=attempt, replay_run=replay_run)
 
 
 def assert_no_credentials(data: bytes | str) -> None:

@@ -68,7 +68,7 @@ def test_example_is_what_from_record_delivers() -> None:
         recorded_at=0,
         task=task,
     )
-    assert example == PhaseChange.from_record(record)
+    assert example == PhaseChange.from_record(record, handler="example-handler")
     # Credentials are hidden as in a delivered change, whatever the test passed in.
     assert_no_credentials(repr(example))
     assert task["params"]["upload"]["encryption"]["encryptedKey"] == "ENCKEY-s3cr3t"

@@ -43,7 +43,11 @@ async def test_posts_the_signed_summary(receiver: Receiver) -> None:
     assert (request.method, request.path) == ("POST", "/hook")
     assert request.headers["content-type"] == "application/json"
     assert request.headers["user-agent"] == "phasewatch"
-    assert request.headers["webhook-id"] == "http-notify:7"
+    # The change's idempotency key, three times: webhook-id, Idempotency-Key (a
+    # Structured Fields string, quoted) and the body.
+    assert request.headers["webhook-id"] == change.idempotency_key
+    assert request.headers["idempotency-key"] == f'"{change.idempotency_key}"'
+    assert orjson.loads(request.body)["idempotencyKey"] == change.idempotency_key
     assert request.headers["webhook-attempt"] == "1"
     assert before <= int(request.headers["webhook-timestamp"]) <= int(time.time())
     assert request.headers["webhook-signature"].startswith("v1,")
@@ -79,8 +83,9 @@ async def test_signature_fails_when_tampered_stale_or_wrong_secret(receiver: Rec
 
     with pytest.raises(InvalidNotification, match="no webhook-signature matches"):
         verify_notification(SECRET, headers, body.replace(b'"failed"', b'"completed"'))
+    other_id = make_change(seq=8, event_id="evt-8").idempotency_key
     with pytest.raises(InvalidNotification, match="no webhook-signature matches"):
-        verify_notification(SECRET, {**headers, "webhook-id": "http-notify:8"}, body)
+        verify_notification(SECRET, {**headers, "webhook-id": other_id}, body)
     with pytest.raises(InvalidNotification, match="no webhook-signature matches"):
         # A re-signed timestamp needs the key: moving it breaks the signature.
         verify_notification(SECRET, {**headers, "webhook-timestamp": str(stamp + 1)}, body)
@@ -149,26 +154,35 @@ async def test_plain_secret_is_used_as_utf8_bytes(receiver: Receiver) -> None:
 async def test_webhook_id_is_stable_across_retries(receiver: Receiver) -> None:
     receiver.answer(Answer(500, "busy"), Answer(200))
     sub = await _started(http_notify(receiver.url(), SECRET, name="notify-a"))
-    change = make_change(seq=41)
+    change = make_change(seq=41, handler="notify-a")
+    # The same change re-read from a store rebuilt from an export: another seq.
+    reread = make_change(seq=9041, event_id=change.event_id, handler="notify-a")
     try:
         with pytest.raises(NotifyError):
             await sub.fn(change)
         # The dispatcher's retry: the same change, one attempt later.
         await sub.fn(dataclasses.replace(change, attempt=2))
-        await sub.fn(make_change(seq=42))
-        await sub.fn(dataclasses.replace(change, replay=True))
+        await sub.fn(reread)
+        await sub.fn(make_change(seq=42, handler="notify-a"))
+        await sub.fn(make_change(seq=41, handler="notify-a", replay_run="run-1"))
+        await sub.fn(make_change(seq=41, handler="notify-a", replay_run="run-2"))
+        await sub.fn(make_change(seq=41, handler="notify-b"))
     finally:
         await _stop(sub)
-    first, retry, other, replay = receiver.received
-    assert first.headers["webhook-id"] == retry.headers["webhook-id"] == "notify-a:41"
+    first, retry, again, other, replay_1, replay_2, other_handler = receiver.received
+    key = change.idempotency_key
+    for request in (first, retry, again):
+        assert request.headers["webhook-id"] == key
+        assert request.headers["idempotency-key"] == f'"{key}"'
+        assert orjson.loads(request.body)["idempotencyKey"] == key
     assert (first.headers["webhook-attempt"], retry.headers["webhook-attempt"]) == ("1", "2")
     assert first.body == retry.body
-    assert other.headers["webhook-id"] == "notify-a:42"
-    # A replay is named by what it is (it may have no outbox seq of its own).
-    assert replay.headers["webhook-id"] == (
-        f"notify-a:replay:{change.task_id}:{change.event_id}:{change.phase}"
-    )
+    # Another change, each replay run, another handler: keys of their own.
+    ids = [r.headers["webhook-id"] for r in (first, other, replay_1, replay_2, other_handler)]
+    assert len(set(ids)) == 5
     for request in receiver.received:
+        assert request.headers["idempotency-key"] == f'"{request.headers["webhook-id"]}"'
+        assert orjson.loads(request.body)["idempotencyKey"] == request.headers["webhook-id"]
         verify_notification(SECRET, request.headers, request.body)
 
 
@@ -184,7 +198,8 @@ async def test_4xx_is_permanent(receiver: Receiver, status: int) -> None:
     message = str(caught.value)
     assert f": {status} " in message
     assert message.endswith(": no such endpoint")
-    assert "http-notify:7" in message
+    change = make_change()
+    assert f"http-notify: POST change 7 ({change.idempotency_key})" in message
 
 
 async def test_redirect_is_permanent_and_not_followed(receiver: Receiver) -> None:

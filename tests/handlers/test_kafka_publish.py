@@ -24,6 +24,10 @@ async def test_publishes_one_record_per_change(kafka_broker: KafkaBroker, kafka_
         make_change(seq=11, task_id="task-a", phase="running", previous=None),
         make_change(seq=12, task_id="task-a", phase="completed", previous="running"),
         make_change(seq=13, task_id="task-b", kind="update", phase="running", previous="running"),
+        # Change 12 replayed: the same change, a key of its own.
+        make_change(
+            seq=12, task_id="task-a", phase="completed", previous="running", replay_run="r1"
+        ),
     ]
     await sub.on_start()
     try:
@@ -49,14 +53,21 @@ async def test_publishes_one_record_per_change(kafka_broker: KafkaBroker, kafka_
     finally:
         await consumer.stop()
 
-    by_seq = {orjson.loads(r.value)["seq"]: r for r in records}
+    by_key = {dict(r.headers)["idempotency-key"].decode(): r for r in records}
+    assert sorted(by_key) == sorted(c.idempotency_key for c in changes)
+    assert len(by_key) == 4  # the replay's key is not the live change's
+    by_seq = {
+        orjson.loads(r.value)["seq"]: r for r in records if not orjson.loads(r.value)["replay"]
+    }
     assert sorted(by_seq) == [11, 12, 13]
     for change in changes:
-        record = by_seq[change.seq]
+        record = by_key[change.idempotency_key]
         assert record.key == change.task_id.encode()
         assert orjson.loads(record.value) == change.summary()
+        assert orjson.loads(record.value)["idempotencyKey"] == change.idempotency_key
         assert_no_credentials(record.value)
         assert dict(record.headers) == {
+            "idempotency-key": change.idempotency_key.encode(),
             "phasewatch.kind": change.kind.encode(),
             "phasewatch.phase": change.phase.encode(),
             "phasewatch.seq": str(change.seq).encode(),

@@ -21,6 +21,9 @@ async def test_one_json_line_per_change() -> None:
     assert len(lines) == 2
     assert all(line.endswith("}\n") and "\n" not in line[:-1] for line in lines)
     assert [orjson.loads(line) for line in lines] == [c.summary() for c in changes]
+    keys = [orjson.loads(line)["idempotencyKey"] for line in lines]
+    assert keys == [c.idempotency_key for c in changes]
+    assert all(key.startswith("pw1_") for key in keys)
     assert ", " not in lines[0]  # compact
     assert_no_credentials(stream.getvalue())
 

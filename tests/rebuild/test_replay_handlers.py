@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.core.change import PhaseChange
+from consumer.core.change import PhaseChange, idempotency_key
 from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.subscription import Subscription
@@ -58,9 +58,11 @@ async def test_replay_fires_exactly_the_window_and_live_sees_no_duplicates(
     store: WatchedSQLiteStore,
 ) -> None:
     live_seen: list[int] = []
+    live_keys: dict[tuple[str, str, str], str] = {}
 
     async def live(change: PhaseChange) -> None:
         live_seen.append(change.seq)
+        live_keys[(change.task_id, change.event_id, change.phase)] = change.idempotency_key
 
     dispatcher = Dispatcher(store, [Subscription(name="notify", fn=live)], poll_s=0.05)
     await dispatcher.start()
@@ -89,15 +91,58 @@ async def test_replay_fires_exactly_the_window_and_live_sees_no_duplicates(
         d for d in await store.list_deliveries([DeliveryStatus.DONE], "notify", 10_000) if d.replay
     ]
     assert len(replay_records) == len(window)
+    # A replay is not dropped as a duplicate of the live delivery: another key, the same
+    # for every change of one run, built from the run's id and the change.
+    assert report.run_id
+    # (The ordered history may have changes the live arrival order never produced.)
+    both = [c for c in replayed if (c.task_id, c.event_id, c.phase) in live_keys]
+    assert both
+    for c in both:
+        assert c.idempotency_key != live_keys[(c.task_id, c.event_id, c.phase)]
+    for c in replayed:
+        assert c.idempotency_key == idempotency_key(
+            handler="notify",
+            task_id=c.task_id,
+            event_id=c.event_id,
+            kind=c.kind,
+            previous_phase=c.previous_phase,
+            phase=c.phase,
+            replay_run=report.run_id,
+        )
+
+
+async def test_each_replay_run_has_keys_of_its_own(store: SQLiteStore) -> None:
+    await ingest_small_shuffled(store)
+    window = (await replay_changes(store, since=0))[:5]
+    keys: dict[str, list[str]] = {"a": [], "b": []}
+
+    async def a(change: PhaseChange) -> None:
+        keys["a"].append(change.idempotency_key)
+
+    async def b(change: PhaseChange) -> None:
+        keys["b"].append(change.idempotency_key)
+
+    subs = [Subscription(name="a", fn=a), Subscription(name="b", fn=b)]
+    first = await replay_handlers(store, subs, window, run_key="same-args")
+    first_keys = dict(keys)
+    keys = {"a": [], "b": []}
+    second = await replay_handlers(store, subs, window, run_key="same-args")
+    assert first.run_id != second.run_id
+    assert len(first_keys["a"]) == len(keys["a"]) == len(window)
+    # Per run and per handler: no key shared by any two deliveries.
+    every = [*first_keys["a"], *first_keys["b"], *keys["a"], *keys["b"]]
+    assert len(set(every)) == 4 * len(window)
 
 
 async def test_interrupted_replay_resumes_where_it_was(store: SQLiteStore) -> None:
     await ingest_small_shuffled(store)
     window = await replay_changes(store, since=0)
     seen: list[tuple[str, str]] = []
+    changes: list[PhaseChange] = []
 
     async def handler(change: PhaseChange) -> None:
         seen.append((change.task_id, change.event_id))
+        changes.append(change)
 
     sub = Subscription(name="h", fn=handler)
     key = run_key(since=0, handler="h")
@@ -111,5 +156,21 @@ async def test_interrupted_replay_resumes_where_it_was(store: SQLiteStore) -> No
     report = await replay_handlers(store, [sub], window, run_key=key)
     assert report.resumed_from == 7
     assert seen == [(c.task_id, c.event_id) for c in window]  # each once, in order
+    # The resumed run is the same run: before and after the interruption, every key is
+    # made with one run id.
+    assert report.run_id
+    assert [c.idempotency_key for c in changes] == [
+        idempotency_key(
+            handler="h",
+            task_id=c.task_id,
+            event_id=c.event_id,
+            kind=c.kind,
+            previous_phase=c.previous_phase,
+            phase=c.phase,
+            replay_run=report.run_id,
+        )
+        for c in changes
+    ]
     again = await replay_handlers(store, [sub], window, run_key=key)
     assert again.resumed_from == 0  # a finished replay starts afresh when asked again
+    assert again.run_id != report.run_id
