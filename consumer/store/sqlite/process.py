@@ -255,8 +255,13 @@ class SQLiteProcessStore(SQLiteStore):
         synchronous: Synchronous = "FULL",
         record_updates: bool = False,
         fold_here: float = 0.7,
+        migrate: bool = True,
     ) -> None:
-        super().__init__(path, synchronous=synchronous, record_updates=record_updates)
+        # open() migrates (or refuses) in this process before the writer process
+        # connects, so the writer finds nothing pending.
+        super().__init__(
+            path, synchronous=synchronous, record_updates=record_updates, migrate=migrate
+        )
         if not 0 <= fold_here <= 1:
             raise ValueError(f"fold_here must be within 0..1, got {fold_here}")
         self._fold_here = round(fold_here * 1000)  # per mille of the keys

@@ -1,5 +1,9 @@
 """The SQLite store's schema, its version, and how a writer takes the lock.
 
+The schema is built by the steps in :mod:`consumer.store.sqlite.migrations`; ``SCHEMA``
+here is the reference of the latest one (with why it looks as it does), which a test
+holds the steps to. ``SCHEMA_VERSION`` is the latest step's number.
+
 Writers are several: the service's writer (thread or process) and CLI commands on the
 same file; :func:`begin_immediate` is how each starts a write transaction.
 """
@@ -10,9 +14,11 @@ import contextlib
 import sqlite3
 import time
 
+from consumer.store.sqlite.migrations import MIGRATIONS
+
 __all__ = ["CHUNK", "SCHEMA", "SCHEMA_VERSION", "begin_immediate", "rollback"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = len(MIGRATIONS)
 
 # Locality is the performance story here. Task ids and event ids are random strings; an
 # index keyed on them takes each batch's inserts on as many random leaf pages, and every
@@ -22,6 +28,9 @@ SCHEMA_VERSION = 2
 # indexed by it, so a batch's index inserts land on a few pages at the tail. Only the
 # first event of a task touches a random index (``task_numbers.id``). The numbers belong
 # to the history, not to the view, so a rebuild can repair a view that lost rows.
+#
+# The latest schema, for reference: databases get it from MIGRATIONS (change it there,
+# by a new step, and here to match).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,

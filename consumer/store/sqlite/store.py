@@ -18,7 +18,9 @@ inside the transaction.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,6 +46,8 @@ from consumer.store.base import (
     TaskQuery,
     ingest_decoded,
 )
+from consumer.store.migrations import Migration, pending, too_new
+from consumer.store.sqlite.migrations import MIGRATIONS, statements
 from consumer.store.sqlite.rows import (
     known_events,
     plan_rows,
@@ -52,12 +56,14 @@ from consumer.store.sqlite.rows import (
     task_row,
     write_rows,
 )
-from consumer.store.sqlite.schema import CHUNK, SCHEMA, SCHEMA_VERSION, begin_immediate, rollback
+from consumer.store.sqlite.schema import CHUNK, begin_immediate, rollback
 
 __all__ = ["SQLiteStore", "Synchronous", "path_from_url"]
 
 T = TypeVar("T")
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
+
+_log = logging.getLogger(__name__)
 
 
 def _open_failure(path: Path, exc: sqlite3.DatabaseError) -> str:
@@ -72,6 +78,20 @@ def _open_failure(path: Path, exc: sqlite3.DatabaseError) -> str:
     return f"{path}: {text}"
 
 
+def _schema_version(con: sqlite3.Connection) -> int:
+    """The database's schema version: ``user_version``, except that version 0 with the
+    history table is 1 (written before the schema carried a version)."""
+    (version,) = con.execute("PRAGMA user_version").fetchone()
+    if (
+        version == 0
+        and con.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        ).fetchone()
+    ):
+        return 1
+    return int(version)
+
+
 def path_from_url(url: str) -> Path:
     """``sqlite:///relative.db`` or ``sqlite:////absolute.db`` to a path."""
     prefix = "sqlite:///"
@@ -81,11 +101,22 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteStore:
+    """``migrate``: apply pending schema migrations at open (False: refuse to open a
+    database that needs them, naming ``phasewatch migrate``). ``migrations_applied``:
+    the steps this store's opening applied (empty when the file was up to date)."""
+
     def __init__(
-        self, path: Path | str, *, synchronous: Synchronous = "FULL", record_updates: bool = False
+        self,
+        path: Path | str,
+        *,
+        synchronous: Synchronous = "FULL",
+        record_updates: bool = False,
+        migrate: bool = True,
     ) -> None:
         self.path = Path(path)
         self.record_updates = record_updates
+        self.migrate = migrate
+        self.migrations_applied: list[Migration] = []
         self._synchronous = synchronous
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-w")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="phasewatch-sqlite-r")
@@ -99,6 +130,7 @@ class SQLiteStore:
     # ------------------------------------------------------------ lifecycle
 
     async def open(self) -> None:
+        self.migrations_applied = []
         self._wcon = await self._run(self._writer, self._connect, True)
         self._rcon = await self._run(self._reader, self._connect, False)
 
@@ -132,6 +164,13 @@ class SQLiteStore:
                     f"{self.path}: the file is empty (0 bytes), not a phasewatch database;"
                     " move it away to start a new store there"
                 )
+            if not self.migrate and not self.path.exists():
+                # Not even an empty file: `phasewatch migrate` is what creates the store.
+                raise StoreOpenError(
+                    f"{self.path} does not exist (schema 0, this version needs"
+                    f" {len(MIGRATIONS)}) and migrations are off: run `phasewatch migrate`"
+                    " to create it"
+                )
             self.path.parent.mkdir(parents=True, exist_ok=True)
         # Autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -149,20 +188,55 @@ class SQLiteStore:
         return con
 
     def _ensure_schema(self, con: sqlite3.Connection) -> None:
-        (version,) = con.execute("PRAGMA user_version").fetchone()
-        if (
-            version == 0
-            and con.execute("SELECT 1 FROM sqlite_master WHERE name = 'events'").fetchone()
-        ):
-            version = 1  # written before the schema carried a version
-        if version not in (0, SCHEMA_VERSION):
+        """Bring the database to the latest schema: each pending step of
+        :data:`~consumer.store.sqlite.migrations.MIGRATIONS` in its own write transaction,
+        with its ``user_version``. The version is read again under the write lock, so
+        that of two processes opening the file at once, the second finds the step done."""
+        version = _schema_version(con)
+        self._check_version(version)
+        if pending(MIGRATIONS, version) and not self.migrate:
             raise StoreOpenError(
                 f"{self.path} holds phasewatch schema {version}, this version needs"
-                f" {SCHEMA_VERSION}: export its history with the phasewatch that wrote it"
-                " (phasewatch export -o FILE), then import FILE into a new database"
+                f" {len(MIGRATIONS)} and migrations are off: run `phasewatch migrate`"
+                " to apply them"
             )
-        con.executescript(SCHEMA)
-        con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        while steps := pending(MIGRATIONS, version):
+            step = steps[0]
+            started = time.monotonic()
+            begin_immediate(con)
+            try:
+                version = _schema_version(con)
+                self._check_version(version)
+                ran = version == step.version - 1
+                if ran:
+                    for statement in statements(step.sql):
+                        con.execute(statement)
+                    con.execute(f"PRAGMA user_version = {step.version}")
+                    version = step.version
+                con.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                rollback(con)
+                raise StoreOpenError(
+                    f"{_open_failure(self.path, exc)} (applying schema migration"
+                    f" {step.version}, {step.name!r}: rolled back, the database stays at"
+                    f" schema {version})"
+                ) from exc
+            except BaseException:
+                rollback(con)
+                raise
+            if ran:
+                self.migrations_applied.append(step)
+                _log.info(
+                    "%s: applied schema migration %d (%s) in %.2f s",
+                    self.path,
+                    step.version,
+                    step.name,
+                    time.monotonic() - started,
+                )
+
+    def _check_version(self, version: int) -> None:
+        if (refusal := too_new(str(self.path), version, MIGRATIONS)) is not None:
+            raise StoreOpenError(refusal)
 
     @staticmethod
     async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
