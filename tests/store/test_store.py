@@ -349,14 +349,25 @@ async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path
         await store.close()
 
 
-async def test_sqlite_refuses_a_database_of_another_schema(tmp_path: Path) -> None:
+async def test_sqlite_refuses_an_unversioned_database_it_cannot_migrate(tmp_path: Path) -> None:
+    """Version 0 with an events table is version 1 and gets migrated (see
+    test_sqlite_migrations.py); one whose tables are not version 1's fails the step, which
+    is rolled back, and is refused in one line naming the file and the step."""
     path = tmp_path / "old.db"
-    with sqlite3.connect(path) as con:  # what the first release created: no user_version
+    with sqlite3.connect(path) as con:  # no user_version, and not version 1's events
         con.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY, event_id TEXT UNIQUE)")
+    schema = "SELECT name, sql FROM sqlite_master"
+    with sqlite3.connect(path) as con:
+        before = con.execute(schema).fetchall()
     store = SQLiteStore(path)
-    with pytest.raises(StoreOpenError, match="schema 1, this version needs 2"):
+    with pytest.raises(StoreOpenError, match="schema migration 2") as raised:
         await store.open()
     await store.close()
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
+    assert "rolled back, the database stays at schema 1" in str(raised.value)
+    with sqlite3.connect(path) as con:  # left as it was (in WAL mode now)
+        assert con.execute(schema).fetchall() == before
+        assert con.execute("PRAGMA user_version").fetchone() == (0,)
 
 
 @pytest.mark.parametrize(
