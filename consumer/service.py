@@ -64,8 +64,14 @@ def open_store(settings: Settings, *, record_updates: bool = False, serving: boo
             synchronous=settings.sqlite_synchronous,
             record_updates=record_updates,
             fold_here=settings.sqlite_fold_here,
+            migrate=settings.database_migrate,
         )
-    return SQLiteStore(path, synchronous=settings.sqlite_synchronous, record_updates=record_updates)
+    return SQLiteStore(
+        path,
+        synchronous=settings.sqlite_synchronous,
+        record_updates=record_updates,
+        migrate=settings.database_migrate,
+    )
 
 
 @dataclass

@@ -109,7 +109,7 @@ async def test_a_change_is_never_committed_behind_one_a_reader_has_seen(pg_url: 
             try:
                 waiting = await con.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE counters%'"
+                    " AND wait_event_type = 'Lock' AND query LIKE '%UPDATE counters%'"
                 )
             finally:
                 await con.close()

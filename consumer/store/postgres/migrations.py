@@ -108,6 +108,31 @@ CREATE TABLE leases (
     owner      text   NOT NULL,
     expires_at bigint NOT NULL
 );
+-- The read half of an ingest transaction in one round trip: lock the batch's tasks in id
+-- order (new ids inserted, known ones locked without a rewrite: WHERE false), then read
+-- their view rows and which of the batch's events are stored. A function because each
+-- of its statements takes a fresh snapshot (VOLATILE, READ COMMITTED): the reads see
+-- what a writer that held a lock before us committed. In one plain statement they would
+-- read the snapshot from before the lock wait, and lose that writer's update.
+CREATE FUNCTION phasewatch_lock_and_read(
+    ids text[], event_tasks text[], event_ids text[], untasked text[]
+) RETURNS TABLE (
+    r_kind smallint, r_id text, r_event_id text, r_doc bytea, r_keys bytea, r_version bigint
+) LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    INSERT INTO task_ids AS t (id) SELECT u.id FROM unnest(ids) AS u(id) ORDER BY u.id
+        ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false;
+    RETURN QUERY SELECT 0::smallint, v.id, NULL::text, v.doc, v.keys, v.version
+        FROM tasks AS v WHERE v.id = ANY(ids);
+    RETURN QUERY SELECT 1::smallint, e.task_id, e.event_id, NULL::bytea, NULL::bytea,
+        NULL::bigint
+        FROM unnest(event_tasks, event_ids) AS k(task_id, event_id)
+        JOIN events AS e ON e.task_id = k.task_id AND e.event_id = k.event_id;
+    RETURN QUERY SELECT 2::smallint, NULL::text, e.event_id, NULL::bytea, NULL::bytea,
+        NULL::bigint
+        FROM events AS e WHERE e.task_id IS NULL AND e.event_id = ANY(untasked);
+END
+$$;
 """
 
 MIGRATIONS: list[Migration] = [

@@ -127,7 +127,10 @@ class PostgresStore:
 
     @property
     def pipeline_depth(self) -> int:
-        return 1
+        # Two batches in flight: while the server writes and fsyncs one, this process
+        # decodes and folds the next (they are on different processes, often cores).
+        # Their transactions commit in either order; seqs still follow commit order.
+        return 2
 
     # ------------------------------------------------------------ lifecycle
 
@@ -264,12 +267,21 @@ class PostgresStore:
         task_ids = sorted({e.task_id for e in events if e.task_id is not None})
         states: dict[str, TaskState] = {}
         versions: dict[str, int] = {}
-        if task_ids:
-            await con.execute(_LOCK_TASKS, task_ids)
-            for row in await con.fetch(_READ_TASKS, task_ids):
-                states[row[0]] = TaskState(orjson.loads(row[1]), decode_keys(row[2]))
-                versions[row[0]] = row[3]
-        known = await _known_events(con, events)
+        known: list[DedupKey] = []
+        tasked = [e for e in events if e.task_id is not None]
+        rows = await con.fetch(
+            _LOCK_AND_READ,
+            task_ids,
+            [e.task_id for e in tasked],
+            [e.id for e in tasked],
+            [e.id for e in events if e.task_id is None],
+        )
+        for kind, task_id, event_id, doc, keys, version in rows:
+            if kind == 0:
+                states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
+                versions[task_id] = version
+            else:
+                known.append((task_id, event_id))
         plan = plan_batch(
             events,
             known,
@@ -277,64 +289,54 @@ class PostgresStore:
             record_updates=self.record_updates,
             record_changes=record_changes,
         )
-        if plan.states:
-            columns: list[list[Any]] = [[] for _ in range(7)]
-            for task_id, state in plan.states.items():
-                task_type = state.task.get("type")
-                version = versions.get(task_id, 0) + (task_id in plan.versions_bumped)
-                for column, value in zip(
-                    columns,
-                    (
-                        task_id,
-                        task_type if isinstance(task_type, str) else None,
-                        state.phase,
-                        float(state.updated_at),
-                        version,
-                        orjson.dumps(state.task),
-                        encode_keys(state.keys),
-                    ),
-                    strict=True,
-                ):
-                    column.append(value)
-            await con.execute(_UPSERT_TASKS, *columns)
+        tasks: list[list[Any]] = [[] for _ in range(7)]
+        for task_id, state in plan.states.items():
+            task_type = state.task.get("type")
+            version = versions.get(task_id, 0) + (task_id in plan.versions_bumped)
+            for column, value in zip(
+                tasks,
+                (
+                    task_id,
+                    task_type if isinstance(task_type, str) else None,
+                    state.phase,
+                    float(state.updated_at),
+                    version,
+                    orjson.dumps(state.task),
+                    encode_keys(state.keys),
+                ),
+                strict=True,
+            ):
+                column.append(value)
         new_tasks = sum(1 for t in plan.states if t not in versions)
+        new, changes = plan.new_events, plan.changes
         base = 0
-        if plan.new_events or plan.changes or new_tasks:
-            events_top, changes_top = await con.fetchrow(
-                _ALLOCATE, len(plan.new_events), len(plan.changes), new_tasks
+        if new or changes or plan.states:
+            # One statement: the view rows, then the seqs (the counters row lock, held
+            # until COMMIT), the history and the outbox.
+            _, changes_top = await con.fetchrow(
+                _WRITE,
+                *tasks,
+                len(new),
+                len(changes),
+                new_tasks,
+                source,
+                received_at,
+                [e.id for e in new],
+                [e.task_id for e in new],
+                [e.kind for e in new],
+                [e.format.value for e in new],
+                [float(e.created_at) for e in new],
+                [None if e.updated_at is None else float(e.updated_at) for e in new],
+                [e.raw for e in new],
+                [c.task_id for c in changes],
+                [c.event_id for c in changes],
+                [c.previous_phase for c in changes],
+                [c.phase for c in changes],
+                [float(c.changed_at) for c in changes],
+                [orjson.dumps(c.task) for c in changes],
+                [c.kind for c in changes],
             )
-            first_event = events_top - len(plan.new_events)
-            base = changes_top - len(plan.changes)
-            if plan.new_events:
-                await con.execute(
-                    _INSERT_EVENTS,
-                    list(range(first_event + 1, events_top + 1)),
-                    [e.id for e in plan.new_events],
-                    [e.task_id for e in plan.new_events],
-                    [e.kind for e in plan.new_events],
-                    [e.format.value for e in plan.new_events],
-                    source,
-                    received_at,
-                    [float(e.created_at) for e in plan.new_events],
-                    [
-                        None if e.updated_at is None else float(e.updated_at)
-                        for e in plan.new_events
-                    ],
-                    [e.raw for e in plan.new_events],
-                )
-            if plan.changes:
-                await con.execute(
-                    _INSERT_CHANGES,
-                    list(range(base + 1, changes_top + 1)),
-                    [c.task_id for c in plan.changes],
-                    [c.event_id for c in plan.changes],
-                    [c.previous_phase for c in plan.changes],
-                    [c.phase for c in plan.changes],
-                    [float(c.changed_at) for c in plan.changes],
-                    received_at,
-                    [orjson.dumps(c.task) for c in plan.changes],
-                    [c.kind for c in plan.changes],
-                )
+            base = changes_top - len(changes)
         if self.before_commit is not None:
             await self.before_commit()
         recorded = [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, base + 1)]
@@ -635,26 +637,6 @@ class PostgresStore:
         return StoreStats(events, tasks, changes, changes, events)
 
 
-async def _known_events(con: asyncpg.Connection, events: Sequence[Event]) -> list[DedupKey]:
-    tasked_tasks: list[str] = []
-    tasked_events: list[str] = []
-    untasked: list[str] = []
-    for event in events:
-        if event.task_id is None:
-            untasked.append(event.id)
-        else:
-            tasked_tasks.append(event.task_id)
-            tasked_events.append(event.id)
-    known: list[DedupKey] = []
-    if tasked_tasks:
-        known.extend(
-            (row[0], row[1]) for row in await con.fetch(_KNOWN_TASKED, tasked_tasks, tasked_events)
-        )
-    if untasked:
-        known.extend((None, row[0]) for row in await con.fetch(_KNOWN_UNTASKED, untasked))
-    return known
-
-
 def _rebuild_columns(states: Mapping[str, TaskState]) -> list[list[Any]]:
     columns: list[list[Any]] = [[] for _ in range(6)]
     for task_id, state in states.items():
@@ -683,46 +665,39 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-# Inserts the new ids and locks the known ones (WHERE false: locked, not rewritten), in
-# id order: see the module docstring.
-_LOCK_TASKS = (
-    "INSERT INTO task_ids (id) SELECT id FROM unnest($1::text[]) AS u(id) ORDER BY id"
-    " ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false"
+_LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
+# $1-$7 the view rows; $8-$10 how many events, changes and new tasks; $11-$12 source and
+# receipt time; $13-$19 the events; $20-$26 the changes.
+_WRITE = """
+WITH up AS (
+    INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bigint[],
+                         $6::bytea[], $7::bytea[])
+    ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,
+        updated_at = excluded.updated_at, version = excluded.version, doc = excluded.doc,
+        keys = excluded.keys
+), alloc AS (
+    UPDATE counters SET events = events + $8, changes = changes + $9, tasks = tasks + $10
+    RETURNING events, changes
+), ev AS (
+    INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,
+                        created_at, updated_at, raw)
+    SELECT alloc.events - $8 + u.n, u.event_id, u.task_id, u.kind, u.format, $11, $12,
+           u.created_at, u.updated_at, u.raw
+    FROM alloc, unnest($13::text[], $14::text[], $15::text[], $16::text[], $17::float8[],
+                       $18::float8[], $19::bytea[])
+         WITH ORDINALITY AS u(event_id, task_id, kind, format, created_at, updated_at, raw, n)
+), ch AS (
+    INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,
+                         recorded_at, task, kind)
+    SELECT alloc.changes - $9 + u.n, u.task_id, u.event_id, u.previous_phase, u.phase,
+           u.changed_at, $12, u.task, u.kind
+    FROM alloc, unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::float8[],
+                       $25::bytea[], $26::text[])
+         WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind, n)
 )
-_READ_TASKS = "SELECT id, doc, keys, version FROM tasks WHERE id = ANY($1::text[])"
-_KNOWN_TASKED = (
-    "SELECT e.task_id, e.event_id FROM unnest($1::text[], $2::text[]) AS k(task_id, event_id)"
-    " JOIN events AS e ON e.task_id = k.task_id AND e.event_id = k.event_id"
-)
-_KNOWN_UNTASKED = "SELECT event_id FROM events WHERE task_id IS NULL AND event_id = ANY($1::text[])"
-_UPSERT_TASKS = (
-    "INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)"
-    " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bigint[],"
-    " $6::bytea[], $7::bytea[])"
-    " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
-    " updated_at = excluded.updated_at, version = excluded.version, doc = excluded.doc,"
-    " keys = excluded.keys"
-)
-_ALLOCATE = (
-    "UPDATE counters SET events = events + $1, changes = changes + $2, tasks = tasks + $3"
-    " RETURNING events, changes"
-)
-_INSERT_EVENTS = (
-    "INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,"
-    " created_at, updated_at, raw)"
-    " SELECT seq, event_id, task_id, kind, format, $6, $7, created_at, updated_at, raw"
-    " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $8::float8[], $9::float8[], $10::bytea[])"
-    " AS u(seq, event_id, task_id, kind, format, created_at, updated_at, raw)"
-)
-_INSERT_CHANGES = (
-    "INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,"
-    " recorded_at, task, kind)"
-    " SELECT seq, task_id, event_id, previous_phase, phase, changed_at, $7, task, kind"
-    " FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[],"
-    " $6::float8[], $8::bytea[], $9::text[])"
-    " AS u(seq, task_id, event_id, previous_phase, phase, changed_at, task, kind)"
-)
+SELECT events, changes FROM alloc
+"""
 _STAGE = (
     "INSERT INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"
     " SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bytea[],"
