@@ -184,6 +184,8 @@ class Service:
         self.loop_lag.start(asyncio.get_running_loop())
         await self.store.open()
         await self.dispatcher.start()  # first: it fixes new handlers' starting point
+        # Changes committed by other replicas (a shared database) wake dispatch too.
+        await self.store.listen_changes(lambda: self.dispatcher.notify([]))
         await self.ingestor.start()
         try:
             if self.kafka is not None:

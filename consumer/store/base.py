@@ -68,7 +68,7 @@ import next to the service); they agree on one dispatcher through a lease.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -430,6 +430,13 @@ class OutboxStore(Protocol):
         ...
 
     async def stats(self) -> StoreStats: ...
+
+    async def listen_changes(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (on this loop) whenever any process commits changes to this store,
+        until :meth:`Store.close`; a dispatcher waits on it rather than on its poll
+        alone. A backend that cannot tell (SQLite, memory) does nothing: changes committed
+        by this process wake the dispatcher directly, and others are found by its poll."""
+        ...
 
 
 class LeaseStore(Protocol):

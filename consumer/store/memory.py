@@ -7,7 +7,7 @@ durability. Nothing survives the process.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from consumer.core.change import ChangeRecord
@@ -247,6 +247,9 @@ class MemoryStore:
     async def release_lease(self, name: str, owner: str) -> None:
         if self._leases.get(name, ("", 0))[0] == owner:
             del self._leases[name]
+
+    async def listen_changes(self, wake: Callable[[], None]) -> None:
+        del wake  # one process writes here: its commits wake the dispatcher directly
 
     async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
         return {

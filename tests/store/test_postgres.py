@@ -166,6 +166,20 @@ async def test_history_seqs_follow_commit_order_under_concurrent_writers(pg_url:
             await store.close()
 
 
+async def test_a_commit_at_one_replica_wakes_the_others(pg_url: str) -> None:
+    a, b = await _opened(pg_url), await _opened(pg_url)
+    try:
+        woken = asyncio.Event()
+        await b.listen_changes(woken.set)
+        await wait_until(woken.is_set, "the wake-up that follows LISTEN's (re)connect")
+        woken.clear()
+        await a.ingest([decode(ev("d1", "D", "pending", 1))], "webhook", 1)  # a change
+        await wait_until(woken.is_set, "b woken by a's commit", timeout=10)
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_same_untasked_event_at_two_replicas_is_stored_once(pg_url: str) -> None:
     a, b = await _opened(pg_url), await _opened(pg_url)
     try:

@@ -36,6 +36,7 @@ different hosts need clocks in step (NTP) well within the lease time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -121,6 +122,8 @@ class PostgresStore:
         self._migrate = migrate
         self._migrations = list(migrations)
         self._pool: asyncpg.Pool | None = None
+        self._wakers: list[Callable[[], None]] = []
+        self._listener: asyncio.Task[None] | None = None
         # A test seam: awaited inside an ingest transaction right before COMMIT (after
         # the seqs are taken), to hold a writer there while others run.
         self.before_commit: Callable[[], Awaitable[None]] | None = None
@@ -200,6 +203,11 @@ class PostgresStore:
                 await con.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
         if self._pool is not None:
             pool, self._pool = self._pool, None
             try:
@@ -313,7 +321,7 @@ class PostgresStore:
         if new or changes or plan.states:
             # One statement: the view rows, then the seqs (the counters row lock, held
             # until COMMIT), the history and the outbox.
-            _, changes_top = await con.fetchrow(
+            _, changes_top, _ = await con.fetchrow(
                 _WRITE,
                 *tasks,
                 len(new),
@@ -508,6 +516,46 @@ class PostgresStore:
     async def discard_rebuilt(self) -> None:
         await self._write(lambda con: con.execute("DELETE FROM tasks_rebuild"))
 
+    # ------------------------------------------------------------ change wake-ups
+
+    async def listen_changes(self, wake: Callable[[], None]) -> None:
+        """LISTEN on ``phasewatch_changes``, which every ingest that records changes
+        notifies at COMMIT, on a connection of its own (outside the pool), reconnecting
+        when it drops. After each (re)connect every waker is called once: changes may
+        have committed while it was away."""
+        self._wakers.append(wake)
+        if self._listener is None:
+            self._listener = asyncio.create_task(self._listen(), name="pg-listen")
+
+    def _wake(self, *_: object) -> None:
+        for wake in self._wakers:
+            wake()
+
+    async def _listen(self) -> None:
+        while True:
+            try:
+                con = await asyncpg.connect(self.url, password=self._password, timeout=10)
+            except (OSError, TimeoutError, asyncpg.PostgresError):
+                await asyncio.sleep(1.0)  # the database is away: the dispatcher polls
+                continue
+            lost = asyncio.Event()
+            con.add_termination_listener(lambda _con, lost=lost: lost.set())
+            try:
+                await con.add_listener(_CHANNEL, self._wake)
+                self._wake()
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(30):
+                            await lost.wait()
+                    if not lost.is_set():
+                        await con.execute("SELECT 1")  # a half-open connection fails here
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(con.close(), 5)
+            await asyncio.sleep(1.0)
+
     # ------------------------------------------------------------ reads
 
     async def get_task(self, task_id: str) -> StoredTask | None:
@@ -665,6 +713,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+_CHANNEL = "phasewatch_changes"
 _LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
 # $1-$7 the view rows; $8-$10 how many events, changes and new tasks; $11-$12 source and
 # receipt time; $13-$19 the events; $20-$26 the changes.
@@ -696,7 +745,9 @@ WITH up AS (
                        $25::bytea[], $26::text[])
          WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind, n)
 )
-SELECT events, changes FROM alloc
+-- Wakes every replica's dispatcher at COMMIT (notifications of one transaction fold).
+SELECT events, changes, CASE WHEN $9 > 0 THEN pg_notify('phasewatch_changes', '') END
+FROM alloc
 """
 _STAGE = (
     "INSERT INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"

@@ -396,6 +396,9 @@ class SQLiteStore:
             )
         )
 
+    async def listen_changes(self, wake: Callable[[], None]) -> None:
+        del wake  # one process writes here: its commits wake the dispatcher directly
+
     async def lease_holders(self, prefix: str, now_ms: int) -> dict[str, str]:
         # substr, not LIKE: a name may hold '%' or '_'.
         rows = await self._read(
