@@ -1,12 +1,15 @@
-"""``phasewatch import`` and ``export`` against a real SQLite store: the fixtures fold to
-the expected tasks, re-imports change nothing, bad lines are reported by number, exports
-round-trip, and an interrupted import resumes where it stopped."""
+"""``phasewatch import`` and ``export`` against real stores: the fixtures fold to the
+expected tasks, re-imports change nothing, bad lines are reported by number, exports
+round-trip, an interrupted import resumes where it stopped, and a history moves over
+from SQLite to PostgreSQL unchanged. The tests with a ``new_db`` run on SQLite and on
+PostgreSQL (``PHASEWATCH_DATABASE_URL`` naming either); the others on SQLite."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,9 +20,13 @@ from consumer.cli import replay as cli_replay
 from consumer.core.signature import verify
 from consumer.replay.archive import checkpoint_key, import_archive
 from consumer.replay.job import BatchHook
+from consumer.store.base import Store
 from consumer.store.sqlite.store import SQLiteStore
-from tests.replay.support import contents, meta, parse, sqlite_settings
+from tests.replay.support import Target, contents, meta, opened, parse, settings_for
 from tests.support import FIXTURE_SECRET, FIXTURES, deliveries, expected_tasks
+
+# Makes a new, empty store: a SQLite file's path or a PostgreSQL database's URL.
+NewDb = Callable[[], Awaitable[Target]]
 
 
 def fixture_copy(tmp_path: Path, name: str) -> Path:
@@ -37,15 +44,34 @@ def distinct(name: str) -> int:
     return len({d.doc["id"] for d in deliveries(name)})
 
 
-async def run(db: Path, *argv: str, on_batch: BatchHook | None = None) -> int:
-    return await cli_replay.run(sqlite_settings(db), parse(*argv), on_batch=on_batch)
+async def run(db: Target, *argv: str, on_batch: BatchHook | None = None) -> int:
+    """``phasewatch ARGV`` with ``PHASEWATCH_DATABASE_URL`` naming ``db``."""
+    return await cli_replay.run(settings_for(db), parse(*argv), on_batch=on_batch)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_db(request: pytest.FixtureRequest, tmp_path: Path) -> NewDb:
+    made: list[Target] = []
+
+    async def make() -> Target:
+        target: Target
+        if request.param == "postgres":
+            server = request.getfixturevalue("pg_server")
+            server.ensure_running()
+            target = await server.create_database()
+        else:
+            target = tmp_path / f"db{len(made)}.db"
+        made.append(target)
+        return target
+
+    return make
 
 
 @pytest.mark.parametrize("name", ["small", "messy"])
 async def test_import_fixture_gives_expected_tasks(
-    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, new_db: NewDb, name: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db = tmp_path / "a.db"
+    db = await new_db()
     assert await run(db, "import", str(fixture_copy(tmp_path, name))) == 0
     tasks, history = await contents(db)
     assert tasks == expected_tasks(name)
@@ -53,35 +79,35 @@ async def test_import_fixture_gives_expected_tasks(
     lines = len(deliveries(name))
     err = capsys.readouterr().err
     assert f"{distinct(name)} accepted, {lines - distinct(name)} duplicates, 0 rejected" in err
-    store = SQLiteStore(db)
-    await store.open()
-    try:
+    async with opened(db) as store:
         sources = {e.source for e in await store.history_after(0, 100_000)}
-    finally:
-        await store.close()
+        stats = await store.stats()
     assert sources == {"import"}
+    assert (stats.events, stats.tasks) == (distinct(name), len(expected_tasks(name)))
+    assert stats.changes == 0  # an import tells no handler about the past
 
 
 async def test_import_twice_adds_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, new_db: NewDb, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    db, archive = tmp_path / "a.db", fixture_copy(tmp_path, "messy")
+    db, archive = await new_db(), fixture_copy(tmp_path, "messy")
     assert await run(db, "import", str(archive)) == 0
     first = await contents(db)
-    store = SQLiteStore(db)
-    await store.open()
-    changes = (await store.stats()).changes
-    await store.close()
+    async with opened(db) as store:
+        before = await store.stats()
     capsys.readouterr()
     assert await run(db, "import", str(archive)) == 0
     assert "0 accepted, 4317 duplicates" in capsys.readouterr().err
     assert await contents(db) == first
-    store = SQLiteStore(db)
-    await store.open()
-    try:
-        assert (await store.stats()).changes == changes  # no phase change recorded twice
-    finally:
-        await store.close()
+    async with opened(db) as store:
+        after = await store.stats()
+    # No event stored twice, no phase change recorded twice.
+    assert (after.events, after.tasks, after.changes) == (
+        before.events,
+        before.tasks,
+        before.changes,
+    )
+    assert after.last_event_seq == before.last_event_seq
 
 
 async def test_bad_lines_are_reported_by_number_and_skipped(
@@ -166,8 +192,8 @@ async def test_verify_secret_rejects_a_tampered_line(
     assert await contents(wrong) == ({}, {})
 
 
-async def test_export_import_round_trip(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.db", tmp_path / "b.db"
+async def test_export_import_round_trip(tmp_path: Path, new_db: NewDb) -> None:
+    a, b = await new_db(), await new_db()
     assert await run(a, "import", str(fixture_copy(tmp_path, "messy"))) == 0
     exported = tmp_path / "export.jsonl"
     assert await run(a, "export", "--output", str(exported)) == 0
@@ -233,10 +259,10 @@ async def test_export_filters_by_task_and_time(tmp_path: Path) -> None:
 
 
 async def test_interrupted_import_resumes_where_it_stopped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, new_db: NewDb, capsys: pytest.CaptureFixture[str]
 ) -> None:
     archive = fixture_copy(tmp_path, "messy")
-    db = tmp_path / "a.db"
+    db = await new_db()
 
     def interrupt_after_three(batches: int) -> None:
         if batches == 3:
@@ -258,7 +284,7 @@ async def test_interrupted_import_resumes_where_it_stopped(
     assert len(batches) == 6  # (4317 - 1500) / 500 rounded up: the done lines were skipped
     assert await meta(db, checkpoint_key(archive)) is None
 
-    straight = tmp_path / "straight.db"
+    straight = await new_db()
     assert await run(straight, "import", str(archive)) == 0
     assert await contents(db) == await contents(straight)
     tasks, _ = await contents(db)
@@ -336,3 +362,49 @@ async def test_export_to_stdout(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # Progress and the summary go to stderr, so stdout is exactly the archive.
     out = capsys.readouterr().out
     assert len(out.splitlines()) == distinct("small")
+
+
+async def all_task_ids(store: Store) -> list[str]:
+    ids: list[str] = []
+    while page := await store.task_ids_after(ids[-1] if ids else None, 100):
+        ids.extend(page)
+    return ids
+
+
+async def test_history_moves_over_from_sqlite_to_postgres(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Moving over: export the SQLite store, import the file into PostgreSQL; every task
+    and every task's history is the same on both, and exporting PostgreSQL gives the
+    same file back."""
+    sqlite_db = tmp_path / "old.db"
+    assert await run(sqlite_db, "import", str(fixture_copy(tmp_path, "messy"))) == 0
+    exported = tmp_path / "moving.jsonl"
+    assert await run(sqlite_db, "export", "-o", str(exported)) == 0
+    capsys.readouterr()
+    assert await run(pg_url, "import", str(exported)) == 0
+    # The export holds each event once: nothing is a duplicate on the way in.
+    assert f"{distinct('messy')} accepted, 0 duplicates, 0 rejected" in capsys.readouterr().err
+
+    async with opened(sqlite_db) as old, opened(pg_url) as new:
+        assert type(new).__name__ == "PostgresStore"
+        task_ids = await all_task_ids(old)
+        assert task_ids == sorted(expected_tasks("messy"))
+        assert await all_task_ids(new) == task_ids
+        for task_id in task_ids:
+            was, now = await old.get_task(task_id), await new.get_task(task_id)
+            assert was is not None and now is not None
+            assert now.task == was.task, task_id
+            old_history = [(h.event_id, h.raw) for h in await old.task_history(task_id)]
+            new_history = [(h.event_id, h.raw) for h in await new.task_history(task_id)]
+            assert new_history == old_history, task_id
+        # The whole history, in the same order, untasked events too.
+        old_all = [(h.event_id, h.task_id, h.raw) for h in await old.history_after(0, 100_000)]
+        new_all = [(h.event_id, h.task_id, h.raw) for h in await new.history_after(0, 100_000)]
+        assert new_all == old_all
+        was_stats, now_stats = await old.stats(), await new.stats()
+        assert (now_stats.events, now_stats.tasks) == (was_stats.events, was_stats.tasks)
+
+    back = tmp_path / "back.jsonl"
+    assert await run(pg_url, "export", "-o", str(back)) == 0
+    assert back.read_bytes() == exported.read_bytes()
