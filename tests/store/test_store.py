@@ -1,4 +1,6 @@
-"""One behaviour suite, run against every backend (memory and SQLite)."""
+"""One behaviour suite, run against every backend (memory, SQLite with its thread and
+process writers, PostgreSQL): what the store Protocols (consumer.store.base) promise.
+The SQLite-only tests at the end are about that backend's files and writer process."""
 
 from __future__ import annotations
 
@@ -12,9 +14,18 @@ from pathlib import Path
 import orjson
 import pytest
 
-from consumer.core.codec import decode
-from consumer.core.plan import Outcome
-from consumer.store.base import Cursor, Delivery, DeliveryStatus, Store, StoreOpenError, TaskQuery
+from consumer.core.codec import Event, decode
+from consumer.core.fold import TaskState
+from consumer.core.plan import Outcome, plan_batch
+from consumer.store.base import (
+    Cursor,
+    Delivery,
+    DeliveryStatus,
+    Store,
+    StoredTask,
+    StoreOpenError,
+    TaskQuery,
+)
 from consumer.store.sqlite.process import SQLiteProcessStore
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, expected_tasks, snapshot, webhook_body
@@ -215,6 +226,432 @@ async def test_list_filters_and_paginates(store: Store) -> None:
     desc = await store.list_tasks(TaskQuery(limit=3, descending=True))
     rest = await store.list_tasks(TaskQuery(limit=100, descending=True, after=desc.next_cursor))
     assert [t.id for t in desc.tasks + rest.tasks] == [f"T{i:02d}" for i in reversed(range(25))]
+
+
+def asset_event(event_id: str, t: int) -> bytes:
+    return orjson.dumps(
+        {"id": event_id, "createdAt": t, "event": "asset.ready", "payload": {"asset": {}}}
+    )
+
+
+async def test_history_after_is_in_seq_order_with_limit_and_task_filter(store: Store) -> None:
+    first = [
+        ev("e1", "A", "pending", 1),
+        ev("e2", "B", "pending", 1),
+        ev("e3", "A", "running", 2),
+        asset_event("a1", 3),
+        ev("e4", "B", "running", 2),
+    ]
+    await store.ingest([decode(raw) for raw in first], "webhook", 1000)
+    await store.ingest([decode(ev("e5", "A", "completed", 3))], "kafka", 2000)
+
+    everything = await store.history_after(0)
+    assert [h.event_id for h in everything] == ["e1", "e2", "e3", "a1", "e4", "e5"]
+    seqs = [h.seq for h in everything]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > 0
+    assert [h.raw for h in everything] == [*first, ev("e5", "A", "completed", 3)]
+    assert [h.task_id for h in everything] == ["A", "B", "A", None, "B", "A"]
+    assert [(h.source, h.received_at) for h in everything] == [("webhook", 1000)] * 5 + [
+        ("kafka", 2000)
+    ]
+    assert everything[3].kind == "asset.ready" and everything[3].created_at == 3
+
+    assert await store.history_after(seqs[1]) == everything[2:]
+    assert await store.history_after(seqs[1], 2) == everything[2:4]
+    assert await store.history_after(seqs[-1]) == []
+    of_a = await store.history_after(0, task_id="A")
+    assert [h.event_id for h in of_a] == ["e1", "e3", "e5"]
+    assert of_a == [h for h in everything if h.task_id == "A"]
+    assert [h.event_id for h in await store.history_after(seqs[0], 1, task_id="A")] == ["e3"]
+    assert await store.history_after(seqs[2], task_id="B") == [everything[4]]
+    assert await store.history_after(0, task_id="nobody") == []
+
+
+async def test_task_ids_after_pages_in_id_order(store: Store) -> None:
+    ids = ["b", "a", "B", "a-1", "a_2", "ab", "Z9", "0", "a.b", "\u00e9t\u00e9", "~"]
+    events = [decode(ev(f"e-{i}", task_id, "pending", 1)) for i, task_id in enumerate(ids)]
+    events.append(decode(asset_event("untasked", 1)))  # no task: not listed
+    await store.ingest(events, "w", 1)
+    # A task with several events, and an older one, is listed once.
+    await store.ingest([decode(ev("e-again", "a", "running", 5))], "w", 2)
+    await store.ingest([decode(ev("e-old", "a", "waiting", 0))], "w", 3)
+
+    expected = sorted(ids)  # Python's order: by code point, as the bytes of UTF-8
+    assert await store.task_ids_after(None) == expected
+    assert await store.task_ids_after("a") == [i for i in expected if i > "a"]
+    assert await store.task_ids_after("", 3) == expected[:3]
+    assert await store.task_ids_after(expected[-1]) == []
+    paged: list[str] = []
+    after: str | None = None
+    while page := await store.task_ids_after(after, 4):
+        assert len(page) <= 4
+        paged.extend(page)
+        after = page[-1]
+    assert paged == expected
+
+
+async def test_history_of_tasks_stops_at_upto_seq_by_task_then_seq(store: Store) -> None:
+    await store.ingest(
+        [
+            decode(ev("c1", "C", "pending", 1)),
+            decode(ev("b1", "B", "pending", 1)),
+            decode(ev("a1", "A", "pending", 1)),
+            decode(ev("b2", "B", "running", 2)),
+            decode(ev("a2", "A", "running", 2)),
+        ],
+        "w",
+        1,
+    )
+    upto = (await store.stats()).last_event_seq
+    await store.ingest(
+        [decode(ev("a3", "A", "completed", 3)), decode(ev("b3", "B", "failed", 3))], "w", 2
+    )
+
+    entries = await store.history_of_tasks(["B", "A", "nobody"], upto)
+    assert [(h.task_id, h.event_id) for h in entries] == [
+        ("A", "a1"),
+        ("A", "a2"),
+        ("B", "b1"),
+        ("B", "b2"),
+    ]
+    assert all(h.seq <= upto for h in entries)
+    by_seq = {h.seq: h for h in await store.history_after(0)}
+    assert all(by_seq[h.seq] == h for h in entries)
+
+    everything = await store.history_of_tasks(["A", "B", "C"], (await store.stats()).last_event_seq)
+    assert [h.event_id for h in everything] == ["a1", "a2", "a3", "b1", "b2", "b3", "c1"]
+    assert await store.history_of_tasks(["A"], 0) == []
+    assert await store.history_of_tasks([], upto) == []
+
+
+async def test_task_changes_and_changes_by_seq(store: Store) -> None:
+    await store.ingest(
+        [decode(ev("a1", "A", "pending", 1)), decode(ev("b1", "B", "pending", 1))], "w", 10
+    )
+    await store.ingest([decode(ev("a2", "A", "running", 2))], "w", 20)
+    await store.ingest(
+        [decode(ev("a3", "A", "completed", 3)), decode(ev("a0", "A", "waiting", 0))], "w", 30
+    )
+
+    of_a = await store.task_changes("A")
+    assert [(c.previous_phase, c.phase, c.event_id) for c in of_a] == [
+        (None, "pending", "a1"),
+        ("pending", "running", "a2"),
+        ("running", "completed", "a3"),
+    ]
+    assert [c.recorded_at for c in of_a] == [10, 20, 30]
+    assert [c.changed_at for c in of_a] == [1, 2, 3]
+    assert of_a[-1].task == (await store.get_task("A")).task  # type: ignore[union-attr]
+    seqs = [c.seq for c in of_a]
+    assert seqs == sorted(seqs) and all(c.task_id == "A" for c in of_a)
+    assert [c.phase for c in await store.task_changes("B")] == ["pending"]
+    assert await store.task_changes("nobody") == []
+
+    everything = await store.changes_after(0)
+    by_seq = {c.seq: c for c in everything}
+    assert await store.changes_by_seq([seqs[2], seqs[0], 10_000]) == [
+        by_seq[seqs[0]],
+        by_seq[seqs[2]],
+    ]
+    assert await store.changes_by_seq([]) == []
+    assert await store.changes_by_seq([c.seq for c in reversed(everything)]) == everything
+
+
+async def test_set_delivery_status_moves_only_matching_records(store: Store) -> None:
+    records = [
+        Delivery("h", 1, DeliveryStatus.DEAD, 3, 10, 30, "HTTP 500"),
+        Delivery("h", 2, DeliveryStatus.DEAD, 8, 10, 80, "timeout"),
+        Delivery("h", 3, DeliveryStatus.DONE, 1, 10, 10),
+        Delivery("g", 1, DeliveryStatus.DEAD, 1, 10, 10, "HTTP 400"),
+        Delivery("g", 2, DeliveryStatus.FAILING, 2, 10, 20, "refused"),
+    ]
+    await store.record_deliveries(records)
+
+    assert (
+        await store.set_delivery_status(DeliveryStatus.DEAD, DeliveryStatus.REDRIVE, seqs=[]) == 0
+    )
+    moved = await store.set_delivery_status(
+        DeliveryStatus.DEAD, DeliveryStatus.REDRIVE, handler="h", seqs=[2, 3, 99]
+    )
+    assert moved == 1  # h/3 is done, not dead; seq 99 has no record
+    assert (await store.deliveries_for("h", [2]))[2] == replace(
+        records[1], status=DeliveryStatus.REDRIVE
+    )  # only the status moved: attempts, times and error are kept
+    assert (
+        await store.set_delivery_status(DeliveryStatus.DEAD, DeliveryStatus.DROPPED, seqs=[1]) == 2
+    )  # h/1 and g/1, any handler
+    assert await store.set_delivery_status(DeliveryStatus.DEAD, DeliveryStatus.DROPPED) == 0
+    assert (
+        await store.set_delivery_status(DeliveryStatus.REDRIVE, DeliveryStatus.DEAD, handler="g")
+        == 0
+    )
+    assert await store.set_delivery_status(DeliveryStatus.REDRIVE, DeliveryStatus.DEAD) == 1
+
+    status = {
+        (d.handler, d.seq): d.status
+        for d in await store.list_deliveries(list(DeliveryStatus), limit=100)
+    }
+    assert status == {
+        ("h", 1): DeliveryStatus.DROPPED,
+        ("h", 2): DeliveryStatus.DEAD,
+        ("h", 3): DeliveryStatus.DONE,
+        ("g", 1): DeliveryStatus.DROPPED,
+        ("g", 2): DeliveryStatus.FAILING,
+    }
+
+
+async def test_list_deliveries_filters_by_status_and_handler_in_seq_order(store: Store) -> None:
+    dead_h5 = Delivery("h", 5, DeliveryStatus.DEAD, 8, 1, 2, "e5")
+    dead_g5 = Delivery("g", 5, DeliveryStatus.DEAD, 8, 1, 2, "e5")
+    failing_h2 = Delivery("h", 2, DeliveryStatus.FAILING, 2, 1, 2, "e2")
+    redrive_g1 = Delivery("g", 1, DeliveryStatus.REDRIVE, 8, 1, 2, "e1")
+    done_h1 = Delivery("h", 1, DeliveryStatus.DONE, 1, 1, 1)
+    dead_replay_h3 = Delivery("h", 3, DeliveryStatus.DEAD, 1, 1, 1, "e3", replay=True)
+    await store.record_deliveries([dead_h5, done_h1, redrive_g1, dead_g5, dead_replay_h3])
+    await store.record_deliveries([failing_h2])
+
+    attention = [DeliveryStatus.DEAD, DeliveryStatus.FAILING, DeliveryStatus.REDRIVE]
+    # By seq, then handler; replays are delivery records too, marked as such.
+    assert await store.list_deliveries(attention) == [
+        redrive_g1,
+        failing_h2,
+        dead_replay_h3,
+        dead_g5,
+        dead_h5,
+    ]
+    assert await store.list_deliveries(attention, limit=2) == [redrive_g1, failing_h2]
+    assert await store.list_deliveries(attention, "h") == [failing_h2, dead_replay_h3, dead_h5]
+    assert await store.list_deliveries(attention, "h", 1) == [failing_h2]
+    assert await store.list_deliveries([DeliveryStatus.DEAD], "g") == [dead_g5]
+    assert await store.list_deliveries([DeliveryStatus.DONE]) == [done_h1]
+    assert await store.list_deliveries([DeliveryStatus.DROPPED]) == []
+    assert await store.list_deliveries(attention, "nobody") == []
+
+
+async def test_deliveries_for_keeps_replays_apart(store: Store) -> None:
+    live = Delivery("h", 1, DeliveryStatus.DONE, 1, 10, 10)
+    replayed = Delivery("h", 1, DeliveryStatus.DEAD, 2, 50, 60, "boom", replay=True)
+    replay_only = Delivery("h", 2, DeliveryStatus.DONE, 1, 50, 50, replay=True)
+    other = Delivery("g", 1, DeliveryStatus.DONE, 1, 10, 10)
+    await store.record_deliveries([live, replayed, replay_only, other])
+
+    assert await store.deliveries_for("h", [1, 2, 3]) == {1: live}
+    assert await store.deliveries_for("h", [1, 2, 3], replay=True) == {1: replayed, 2: replay_only}
+    assert await store.deliveries_for("h", []) == {}
+    # Replacing the replay record leaves the live one as it was, and the other way round.
+    done = replace(replayed, status=DeliveryStatus.DONE, attempts=3, error=None)
+    await store.record_deliveries([done])
+    assert await store.deliveries_for("h", [1], replay=True) == {1: done}
+    assert await store.deliveries_for("h", [1]) == {1: live}
+    await store.record_deliveries([replace(live, attempts=2, last_attempt_at=70)])
+    assert (await store.deliveries_for("h", [1], replay=True))[1] == done
+    assert await store.deliveries_for("g", [1, 2]) == {1: other}
+
+
+async def test_record_deliveries_replaces_a_record(store: Store) -> None:
+    failing = Delivery("h", 7, DeliveryStatus.FAILING, 1, 100, 100, "HTTP 503")
+    await store.record_deliveries([failing])
+    again = replace(failing, attempts=2, last_attempt_at=200, error="timed out")
+    await store.record_deliveries([again])
+    assert await store.deliveries_for("h", [7]) == {7: again}
+    assert await store.list_deliveries([DeliveryStatus.FAILING]) == [again]
+    # One batch may carry a failing record and the final one of the same key: the last wins.
+    done = replace(again, status=DeliveryStatus.DONE, attempts=3, last_attempt_at=300, error=None)
+    await store.record_deliveries([replace(again, attempts=3), done])
+    assert await store.deliveries_for("h", [7]) == {7: done}  # the error is gone too
+    assert await store.list_deliveries([DeliveryStatus.FAILING]) == []
+    assert await store.list_deliveries([DeliveryStatus.DONE]) == [done]
+    await store.record_deliveries([done])  # idempotent
+    assert await store.list_deliveries(list(DeliveryStatus)) == [done]
+    await store.record_deliveries([])
+
+
+async def test_meta_notes_set_replace_and_delete(store: Store) -> None:
+    assert await store.get_meta("rebuild") is None
+    await store.set_meta("rebuild", '{"after": "T1"}')
+    await store.set_meta("import:x", "1500")
+    assert await store.get_meta("rebuild") == '{"after": "T1"}'
+    await store.set_meta("rebuild", '{"after": "T2"}')
+    assert await store.get_meta("rebuild") == '{"after": "T2"}'
+    await store.set_meta("rebuild", "")  # empty is a value, not a deletion
+    assert await store.get_meta("rebuild") == ""
+    await store.set_meta("rebuild", None)
+    assert await store.get_meta("rebuild") is None
+    await store.set_meta("rebuild", None)  # deleting what is not there is fine
+    assert await store.get_meta("import:x") == "1500"
+
+
+def fold(raws: list[bytes]) -> dict[str, TaskState]:
+    """Task states folded from scratch, as a rebuild stages them."""
+    events: list[Event] = [decode(raw) for raw in raws]
+    return dict(plan_batch(events, (), {}, record_changes=False).states)
+
+
+async def view_of(store: Store) -> dict[str, StoredTask]:
+    page = await store.list_tasks(TaskQuery(limit=1000))
+    assert page.next_cursor is None
+    return {t.id: t for t in page.tasks}
+
+
+async def test_stage_and_swap_rebuilt_replace_the_view(store: Store) -> None:
+    a1, b1, c1 = (
+        ev("a1", "A", "pending", 1),
+        ev("b1", "B", "pending", 1),
+        ev("c1", "C", "failed", 1),
+    )
+    await store.ingest([decode(a1), decode(b1), decode(c1)], "w", 1)
+    before = await view_of(store)
+    upto = (await store.stats()).last_event_seq
+
+    # Staged states are kept aside: the view does not change, and discard forgets them.
+    await store.stage_rebuilt(fold([ev("zz", "A", "bogus", 9), ev("zz", "X", "bogus", 9)]))
+    assert await view_of(store) == before
+    await store.discard_rebuilt()
+
+    # A rebuild stages in batches: A, then B folded differently from the live view (as
+    # from a view corrupted behind phasewatch's back); C is not staged.
+    await store.stage_rebuilt(fold([a1]))
+    b_rebuilt = fold([b1, ev("b2", "B", "running", 2, scheduledAt=2)])
+    await store.stage_rebuilt(b_rebuilt)
+    assert await view_of(store) == before
+    # Events past upto_seq arrived meanwhile: folded into the live view now, and into the
+    # staged one by the swap.
+    await store.ingest(
+        [decode(ev("a2", "A", "running", 5)), decode(ev("d1", "D", "pending", 4))], "w", 2
+    )
+    live = await view_of(store)
+    assert live["A"].version == before["A"].version + 1
+
+    assert await store.swap_rebuilt(upto) == 3
+    after = await view_of(store)
+    assert sorted(after) == ["A", "B", "D"]  # C had no staged state: removed
+    assert await store.get_task("C") is None
+    # The late events were folded in: A is running, D is there; their docs did not change
+    # from the live view's, so neither did their versions.
+    assert after["A"] == live["A"] and after["A"].phase == "running"
+    assert after["D"] == live["D"]
+    # B's doc changed: its version bumped, once.
+    assert after["B"].task == b_rebuilt["B"].task and after["B"].phase == "running"
+    assert after["B"].version == before["B"].version + 1
+    assert (await store.stats()).tasks == 3
+    assert (await store.list_tasks(TaskQuery(phases=("failed",)))).tasks == []
+
+    # The staged set is used up: a second swap of the same states changes no version.
+    await store.stage_rebuilt(fold([a1, ev("a2", "A", "running", 5)]))
+    await store.stage_rebuilt(b_rebuilt)
+    await store.stage_rebuilt(fold([ev("d1", "D", "pending", 4)]))
+    assert await store.swap_rebuilt((await store.stats()).last_event_seq) == 3
+    assert await view_of(store) == after
+    # Nothing stays staged after a swap: one more swap with none staged empties the view.
+    assert await store.swap_rebuilt((await store.stats()).last_event_seq) == 0
+    assert await view_of(store) == {}
+    assert (await store.stats()).tasks == 0
+
+
+async def test_stats_count_events_tasks_and_changes(store: Store) -> None:
+    empty = await store.stats()
+    assert (
+        empty.events,
+        empty.tasks,
+        empty.changes,
+        empty.last_change_seq,
+        empty.last_event_seq,
+    ) == (0, 0, 0, 0, 0)
+
+    await store.ingest(
+        [
+            decode(ev("a1", "A", "pending", 1)),
+            decode(asset_event("x1", 1)),
+            decode(ev("b1", "B", "pending", 1)),
+            decode(ev("a2", "A", "running", 2)),
+        ],
+        "w",
+        1,
+    )
+    stats = await store.stats()
+    history = await store.history_after(0)
+    changes = await store.changes_after(0)
+    assert (stats.events, stats.tasks, stats.changes) == (4, 2, 3)
+    assert stats.last_event_seq == history[-1].seq
+    assert stats.last_change_seq == changes[-1].seq
+
+    await store.ingest([decode(ev("a1", "A", "pending", 1))], "w", 2)  # a duplicate
+    assert await store.stats() == stats
+    await store.ingest([decode(ev("a0", "A", "waiting", 0))], "w", 3)  # older: no change
+    older = await store.stats()
+    assert (older.events, older.tasks, older.changes) == (5, 2, 3)
+    assert older.last_event_seq > stats.last_event_seq
+    assert older.last_change_seq == stats.last_change_seq
+    await store.ingest([decode(ev("c1", "C", "pending", 1))], "w", 4)
+    newer = await store.stats()
+    assert (newer.events, newer.tasks, newer.changes) == (6, 3, 4)
+    assert newer.last_change_seq == (await store.changes_after(0))[-1].seq
+    assert newer.last_event_seq == (await store.history_after(0))[-1].seq
+
+
+BIG = 1_700_000_000_123  # Unix ms, as Livepeer sends them
+
+
+async def test_list_tasks_keeps_float_and_big_ms_times(store: Store) -> None:
+    times: dict[str, int | float] = {
+        "f15": 1.5,
+        "i2": 2,
+        "f25": 2.5,
+        "big": BIG,
+        "big-twin": BIG,  # the same time: ordered by id
+        "big-half": BIG + 0.5,
+        "big-next": BIG + 1,
+    }
+    snapshots = [
+        {**snapshot(task_id, "running", 0), "status": {"phase": "running", "updatedAt": t}}
+        for task_id, t in times.items()
+    ]
+    await store.ingest([decode(webhook_body(f"e-{s['id']}", s)) for s in snapshots], "w", 1)
+    order = ["f15", "i2", "f25", "big", "big-twin", "big-half", "big-next"]
+
+    async def ids(**query: object) -> list[str]:
+        page = await store.list_tasks(TaskQuery(limit=100, **query))  # type: ignore[arg-type]
+        return [t.id for t in page.tasks]
+
+    assert await ids() == order
+    assert await ids(descending=True) == list(reversed(order))
+    assert await ids(updated_since=1.5) == order
+    assert await ids(updated_since=1.6) == order[1:]
+    assert await ids(updated_since=2) == order[1:]
+    assert await ids(updated_since=2.25) == order[2:]
+    assert await ids(updated_since=BIG) == order[3:]
+    assert await ids(updated_since=BIG + 0.25) == ["big-half", "big-next"]
+    assert await ids(updated_since=BIG + 1) == ["big-next"]
+    assert await ids(updated_since=BIG + 2) == []
+    assert await ids(updated_since=BIG, descending=True) == list(reversed(order[3:]))
+    assert await ids(updated_since=2, phases=("running",), types=("upload",)) == order[1:]
+
+    # The times come back as they were sent: ints stay ints, fractions stay.
+    for task_id, t in times.items():
+        stored = await store.get_task(task_id)
+        assert stored is not None and stored.updated_at == t
+        assert type(stored.updated_at) is type(t), task_id
+
+    # Page by page, one task a page: the cursors carry those times exactly.
+    for descending in (False, True):
+        seen: list[str] = []
+        cursor: Cursor | None = None
+        while True:
+            page = await store.list_tasks(TaskQuery(after=cursor, limit=1, descending=descending))
+            seen.extend(t.id for t in page.tasks)
+            if page.next_cursor is None:
+                break
+            assert page.next_cursor.updated_at == times[page.tasks[-1].id]
+            cursor = Cursor.decode(page.next_cursor.encode())  # as a client hands it back
+        assert seen == (list(reversed(order)) if descending else order)
+
+    after_big = await store.list_tasks(TaskQuery(after=Cursor(BIG, "big"), limit=100))
+    assert [t.id for t in after_big.tasks] == ["big-twin", "big-half", "big-next"]
+    since_and_after = await store.list_tasks(
+        TaskQuery(updated_since=1.5, after=Cursor(2.5, "f25"), limit=2)
+    )
+    assert [t.id for t in since_and_after.tasks] == ["big", "big-twin"]
+    assert since_and_after.next_cursor == Cursor(BIG, "big-twin")
 
 
 @pytest.mark.parametrize("fixture", ["small", "messy"])
