@@ -11,8 +11,7 @@ Why the tables look as they do:
   (``UPDATE ... RETURNING``) as the last statement before ``COMMIT``, so its row lock
   serializes seq allocation *with commit*: seqs become visible in commit order, the
   store contract's rule, which a plain sequence breaks (sequences are handed out at
-  insert and commit in any order). It also keeps exact counts, since ``count(*)`` on a
-  large table is a scan.
+  insert and commit in any order). Its values are the history's and outbox's exact counts.
 * ``task_ids`` holds one row per task with history. Writers lock those rows, in id
   order, before they read the view: two replicas folding the same task take turns
   instead of losing an update, and a fixed order cannot deadlock.
@@ -30,10 +29,9 @@ _INITIAL = """
 CREATE TABLE counters (
     one     boolean PRIMARY KEY DEFAULT true CHECK (one),
     events  bigint  NOT NULL,
-    changes bigint  NOT NULL,
-    tasks   bigint  NOT NULL
+    changes bigint  NOT NULL
 );
-INSERT INTO counters (one, events, changes, tasks) VALUES (true, 0, 0, 0);
+INSERT INTO counters (one, events, changes) VALUES (true, 0, 0);
 CREATE TABLE task_ids (
     id text PRIMARY KEY
 );

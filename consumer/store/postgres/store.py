@@ -315,7 +315,6 @@ class PostgresStore:
                 strict=True,
             ):
                 column.append(value)
-        new_tasks = sum(1 for t in plan.states if t not in versions)
         new, changes = plan.new_events, plan.changes
         base = 0
         if new or changes or plan.states:
@@ -326,7 +325,6 @@ class PostgresStore:
                 *tasks,
                 len(new),
                 len(changes),
-                new_tasks,
                 source,
                 received_at,
                 [e.id for e in new],
@@ -508,7 +506,6 @@ class PostgresStore:
             )
             await con.execute("DELETE FROM tasks_rebuild")
             count: int = await con.fetchval("SELECT count(*) FROM tasks")
-            await con.execute("UPDATE counters SET tasks = $1", count)
             return count
 
         return await self._write(run)
@@ -678,9 +675,13 @@ class PostgresStore:
         return [_delivery(row) for row in rows]
 
     async def stats(self) -> StoreStats:
-        # The counters are exact (the history is append-only, the outbox's seqs have no
-        # gaps: a rolled-back allocation rolls back with its transaction).
-        rows = await self._fetch("SELECT events, changes, tasks FROM counters")
+        # The history and outbox counts are the counters (the history is append-only;
+        # the outbox's seqs have no gaps: a rolled-back allocation rolls back with its
+        # transaction). Tasks are counted: `rebuild --check` relies on the view's real
+        # row count, whatever was done to it behind the store's back.
+        rows = await self._fetch(
+            "SELECT events, changes, (SELECT count(*) FROM tasks) FROM counters"
+        )
         events, changes, tasks = rows[0]
         return StoreStats(events, tasks, changes, changes, events)
 
@@ -715,8 +716,8 @@ def _reason(exc: BaseException) -> str:
 
 _CHANNEL = "phasewatch_changes"
 _LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
-# $1-$7 the view rows; $8-$10 how many events, changes and new tasks; $11-$12 source and
-# receipt time; $13-$19 the events; $20-$26 the changes.
+# $1-$7 the view rows; $8-$9 how many events and changes; $10-$11 source and receipt
+# time; $12-$18 the events; $19-$25 the changes.
 _WRITE = """
 WITH up AS (
     INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)
@@ -726,23 +727,23 @@ WITH up AS (
         updated_at = excluded.updated_at, version = excluded.version, doc = excluded.doc,
         keys = excluded.keys
 ), alloc AS (
-    UPDATE counters SET events = events + $8, changes = changes + $9, tasks = tasks + $10
+    UPDATE counters SET events = events + $8, changes = changes + $9
     RETURNING events, changes
 ), ev AS (
     INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,
                         created_at, updated_at, raw)
-    SELECT alloc.events - $8 + u.n, u.event_id, u.task_id, u.kind, u.format, $11, $12,
+    SELECT alloc.events - $8 + u.n, u.event_id, u.task_id, u.kind, u.format, $10, $11,
            u.created_at, u.updated_at, u.raw
-    FROM alloc, unnest($13::text[], $14::text[], $15::text[], $16::text[], $17::float8[],
-                       $18::float8[], $19::bytea[])
+    FROM alloc, unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::float8[],
+                       $17::float8[], $18::bytea[])
          WITH ORDINALITY AS u(event_id, task_id, kind, format, created_at, updated_at, raw, n)
 ), ch AS (
     INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,
                          recorded_at, task, kind)
     SELECT alloc.changes - $9 + u.n, u.task_id, u.event_id, u.previous_phase, u.phase,
-           u.changed_at, $12, u.task, u.kind
-    FROM alloc, unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::float8[],
-                       $25::bytea[], $26::text[])
+           u.changed_at, $11, u.task, u.kind
+    FROM alloc, unnest($19::text[], $20::text[], $21::text[], $22::text[], $23::float8[],
+                       $24::bytea[], $25::text[])
          WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind, n)
 )
 -- Wakes every replica's dispatcher at COMMIT (notifications of one transaction fold).
