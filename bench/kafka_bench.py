@@ -7,19 +7,33 @@ with fresh ids, keyed by task id, 3 partitions). In the same run, alternating:
 * **phasewatch**: ``KafkaSource`` into a fresh SQLite store (``synchronous=FULL``): decode,
   fold, one store transaction per batch, offsets committed after it.
 
+With ``--postgres`` (a local PostgreSQL started for the run, ``fsync`` on; or
+``--database-url ADMIN_URL``), two more contenders in the same rounds:
+
+* **postgres**: ``KafkaSource`` into a fresh PostgreSQL database (one process);
+* **postgres-x2** (``--pg-consumers 2``): two such processes in one consumer group, into
+  one fresh database, timed from the first record either saw to the moment their records
+  add up to N (each writes its count to a file the other reads). A rebalance can hand
+  a partition over before its offsets are committed, so a few records may be seen twice:
+  the report gives the events stored as well.
+
 Each run is its own process (peak RSS is per process) with a fresh consumer group, and is
-timed from the first record to the last. Medians over rounds; ratio = phasewatch / bare.
+timed from the first record to the last. Medians over rounds; ratio = contender / bare,
+and PostgreSQL / SQLite per round.
 
     .venv/bin/python bench/kafka_bench.py [--events 1000000] [--rounds 1]
         [--bootstrap HOST:PORT]   # default: start deploy/kafka_local.py on free ports
+    .venv/bin/python bench/kafka_bench.py --events 300000 --rounds 3 --postgres --pg-consumers 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -111,39 +125,90 @@ async def run_bare(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
     return {"rate": seen / elapsed, "seconds": elapsed, "peak_rss_mb": _peak_rss_mb()}
 
 
-async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[str, Any]:
+class Peers:
+    """Record counts shared by the consumers of one multi-process run, through files
+    (one per consumer, rewritten atomically): the run ends when they add up to N."""
+
+    def __init__(self, directory: Path, me: int) -> None:
+        self.directory = directory
+        self.mine = directory / f"count-{me}"
+        self._tmp = directory / f".count-{me}"
+
+    def publish(self, records: int) -> None:
+        self._tmp.write_text(str(records))
+        os.replace(self._tmp, self.mine)
+
+    def total(self) -> int:
+        total = 0
+        for path in self.directory.glob("count-*"):
+            with contextlib.suppress(OSError, ValueError):
+                total += int(path.read_text())
+        return total
+
+
+async def run_phasewatch(
+    bootstrap: str,
+    topic: str,
+    n: int,
+    db: Path,
+    *,
+    db_url: str | None = None,
+    group: str | None = None,
+    peers: Peers | None = None,
+) -> dict[str, Any]:
     from consumer.settings import Settings
     from consumer.sources.kafka.group import KafkaSource
+    from consumer.store.base import Store
+    from consumer.store.postgres.store import PostgresStore
     from consumer.store.sqlite.process import SQLiteProcessStore
     from consumer.store.sqlite.store import SQLiteStore
 
-    # As `serve` runs it by default: folds and commits in the writer process.
-    store = SQLiteProcessStore(db) if WRITER == "process" else SQLiteStore(db)
+    store: Store
+    if db_url is not None:
+        store = PostgresStore(db_url)  # as `serve` opens it: pool of 10, migrate
+    else:
+        # As `serve` runs it by default: folds and commits in the writer process.
+        store = SQLiteProcessStore(db) if WRITER == "process" else SQLiteStore(db)
     await store.open()
     settings = Settings(
         kafka_bootstrap_servers=bootstrap,
         kafka_topics=topic,
-        kafka_group_id=f"pw-{uuid.uuid4().hex[:8]}",
+        kafka_group_id=group or f"pw-{uuid.uuid4().hex[:8]}",
     )
     source = KafkaSource(store, settings.kafka_connection(), settings.kafka_source())
     await source.start()
     first = 0.0
+    first_wall = 0.0
+    first_records = 0
     try:
-        while source.stats.records < n:
-            if not first and source.stats.records:
+        while True:
+            records = source.stats.records
+            if peers is not None:
+                peers.publish(records)
+                if peers.total() >= n:
+                    break
+            elif records >= n:
+                break
+            if not first and records:
                 # First batch landed: back-date to its start as well as we can observe.
                 first = time.perf_counter()
-                first_records = source.stats.records
+                first_wall = time.time()
+                first_records = records
             await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - first
+        end_wall = time.time()
+        elapsed = time.perf_counter() - first if first else 0.0
         counted = source.stats.records - first_records
     finally:
         await source.stop()
         stats = await store.stats()
         await store.close()
     return {
-        "rate": counted / elapsed,
+        "rate": counted / elapsed if elapsed else 0.0,
         "seconds": elapsed,
+        "records": source.stats.records,
+        "first_wall": first_wall,
+        "end_wall": end_wall,
+        "first_records": first_records,
         "peak_rss_mb": _peak_rss_mb(),
         "events_stored": stats.events,
         "tasks": stats.tasks,
@@ -153,8 +218,8 @@ async def run_phasewatch(bootstrap: str, topic: str, n: int, db: Path) -> dict[s
 WRITER = "process"
 
 
-def child(kind: str, bootstrap: str, topic: str, n: int) -> dict[str, Any]:
-    cmd = [
+def _child_cmd(kind: str, bootstrap: str, topic: str, n: int, *extra: str) -> list[str]:
+    return [
         sys.executable,
         __file__,
         "--child",
@@ -167,10 +232,64 @@ def child(kind: str, bootstrap: str, topic: str, n: int) -> dict[str, Any]:
         str(n),
         "--writer",
         WRITER,
+        *extra,
     ]
+
+
+def child(kind: str, bootstrap: str, topic: str, n: int, *extra: str) -> dict[str, Any]:
+    cmd = _child_cmd(kind, bootstrap, topic, n, *extra)
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, timeout=3600)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+def children(bootstrap: str, topic: str, n: int, db_url: str, count: int) -> dict[str, Any]:
+    """``count`` phasewatch consumers in one group into one database, at once."""
+    group = f"pwx-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as peer_dir:
+        procs = [
+            subprocess.Popen(
+                _child_cmd(
+                    "phasewatch",
+                    bootstrap,
+                    topic,
+                    n,
+                    "--db-url",
+                    db_url,
+                    "--group",
+                    group,
+                    "--peer-dir",
+                    peer_dir,
+                    "--peer-id",
+                    str(i),
+                ),
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(count)
+        ]
+        results = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=3600)
+            if proc.returncode:
+                raise subprocess.CalledProcessError(proc.returncode, proc.args, out)
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    started = [r for r in results if r["first_wall"]]
+    first = min(r["first_wall"] for r in started)
+    end = max(r["end_wall"] for r in results)
+    # Records before the first observation of the earliest consumer are not timed.
+    counted = sum(r["records"] for r in results) - min(
+        r["first_records"] for r in started if r["first_wall"] == first
+    )
+    return {
+        "rate": counted / (end - first),
+        "seconds": end - first,
+        "records": sum(r["records"] for r in results),
+        "per_consumer_records": [r["records"] for r in results],
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "events_stored": max(r["events_stored"] for r in results),
+        "tasks": max(r["tasks"] for r in results),
+    }
 
 
 def load_kafka_local() -> Any:
@@ -183,7 +302,65 @@ def load_kafka_local() -> Any:
     return module
 
 
-def main() -> None:
+def run_child(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.child == "bare":
+            result = asyncio.run(run_bare(args.bootstrap, args.topic, args.events))
+        else:
+            peers = None
+            if args.peer_dir is not None:
+                peers = Peers(args.peer_dir, args.peer_id)
+            result = asyncio.run(
+                run_phasewatch(
+                    args.bootstrap,
+                    args.topic,
+                    args.events,
+                    Path(tmp) / "bench.db",
+                    db_url=args.db_url,
+                    group=args.group,
+                    peers=peers,
+                )
+            )
+    print(json.dumps(result))
+
+
+def report(
+    args: argparse.Namespace, kinds: list[str], runs: dict[str, list[dict[str, Any]]]
+) -> None:
+    labels = {
+        "bare": "bare aiokafka loop (getmany + orjson.loads)",
+        "phasewatch": f"phasewatch KafkaSource -> SQLite ({WRITER})",
+        "postgres": "phasewatch KafkaSource -> PostgreSQL",
+        f"postgres-x{args.pg_consumers}": (
+            f"{args.pg_consumers} phasewatch consumers (one group) -> one PostgreSQL"
+        ),
+    }
+    print(f"{args.events} events, {args.rounds} round(s), medians")
+    for kind in kinds:
+        rates = [r["rate"] for r in runs[kind]]
+        print(
+            f"  {labels[kind]:<56} {statistics.median(rates):>10,.0f} events/s"
+            f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in runs[kind]):.0f} MB"
+            f"  rounds {', '.join(f'{x:,.0f}' for x in rates)}"
+        )
+    for kind in kinds[1:]:
+        ratios = [p["rate"] / b["rate"] for p, b in zip(runs[kind], runs["bare"], strict=True)]
+        print(
+            f"  ratio {kind}/bare: {statistics.median(ratios):.2f}"
+            f" ({', '.join(f'{x:.2f}' for x in ratios)})"
+        )
+    if "phasewatch" in runs:
+        for kind in [k for k in kinds if k.startswith("postgres")]:
+            ratios = [
+                p["rate"] / s["rate"] for p, s in zip(runs[kind], runs["phasewatch"], strict=True)
+            ]
+            print(
+                f"  ratio {kind}/SQLite: {statistics.median(ratios):.2f}"
+                f" ({', '.join(f'{x:.2f}' for x in ratios)}; goal >= 1)"
+            )
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -193,57 +370,84 @@ def main() -> None:
     parser.add_argument("--topic")
     parser.add_argument("--child", choices=["bare", "phasewatch"])
     parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="add a PostgreSQL contender (a local server started for the run, fsync on)",
+    )
+    parser.add_argument(
+        "--database-url", help="add PostgreSQL contenders on this server (admin URL)"
+    )
+    parser.add_argument(
+        "--pg-consumers",
+        type=int,
+        default=1,
+        help="also run this many consumer processes in one group into one database (>= 2)",
+    )
+    parser.add_argument(
+        "--no-sqlite", action="store_true", help="skip the SQLite contender (phasewatch)"
+    )
+    parser.add_argument("--db-url", help=argparse.SUPPRESS)  # child: PostgreSQL database
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # child: consumer group
+    parser.add_argument("--peer-dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-id", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
         "--writer",
         choices=["process", "thread"],
         default="process",
         help="where phasewatch folds and commits (serve's default: process)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     global WRITER  # noqa: PLW0603 - one setting for the children this run starts
     WRITER = args.writer
 
     if args.child:
-        with tempfile.TemporaryDirectory() as tmp:
-            if args.child == "bare":
-                result = asyncio.run(run_bare(args.bootstrap, args.topic, args.events))
-            else:
-                result = asyncio.run(
-                    run_phasewatch(args.bootstrap, args.topic, args.events, Path(tmp) / "bench.db")
-                )
-        print(json.dumps(result))
+        run_child(args)
         return
 
+    from pg_local import bench_postgres, code_state
+
+    kinds = ["bare"] + ([] if args.no_sqlite else ["phasewatch"])
+    with_pg = args.postgres or bool(args.database_url)
+    if with_pg:
+        kinds.append("postgres")
+        if args.pg_consumers >= 2:
+            kinds.append(f"postgres-x{args.pg_consumers}")
     broker = None
     bootstrap = args.bootstrap
-    if not bootstrap:
-        broker = load_kafka_local().LocalKafka()
-        bootstrap = broker.start()
-    try:
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(bench_postgres(args.database_url)) if with_pg else None
+        if pg is not None:
+            print(f"postgres: {pg.server_version()}", file=sys.stderr)
+        print(f"code: {code_state()}", file=sys.stderr)
+        if not bootstrap:
+            broker = load_kafka_local().LocalKafka()
+            bootstrap = broker.start()
+            stack.callback(broker.close)
         topic = args.topic or f"bench-{uuid.uuid4().hex[:8]}"
         if not args.topic:
             asyncio.run(fill(bootstrap, topic, args.events))
-        runs: dict[str, list[dict[str, Any]]] = {"bare": [], "phasewatch": []}
         for round_no in range(args.rounds):
-            order = ["bare", "phasewatch"] if round_no % 2 == 0 else ["phasewatch", "bare"]
+            order = kinds if round_no % 2 == 0 else kinds[::-1]
             for kind in order:
-                runs[kind].append(child(kind, bootstrap, topic, args.events))
-                print(f"round {round_no + 1} {kind}: {runs[kind][-1]}", file=sys.stderr)
-    finally:
-        if broker is not None:
-            broker.close()
-    bare = statistics.median(r["rate"] for r in runs["bare"])
-    pw = statistics.median(r["rate"] for r in runs["phasewatch"])
-    ratios = [p["rate"] / b["rate"] for p, b in zip(runs["phasewatch"], runs["bare"], strict=True)]
-    print(f"{args.events} events, {args.rounds} round(s), medians")
-    print(
-        f"  bare aiokafka loop (getmany + orjson.loads) {bare:>10,.0f} events/s"
-        f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in runs['bare']):.0f} MB"
-    )
-    print(
-        f"  phasewatch KafkaSource -> SQLite ({WRITER:<7})  {pw:>10,.0f} events/s"
-        f"  peak RSS {statistics.median(r['peak_rss_mb'] for r in runs['phasewatch']):.0f} MB"
-    )
-    print(f"  ratio phasewatch/bare: {statistics.median(ratios):.2f}")
+                if kind in ("bare", "phasewatch"):
+                    result = child(kind, bootstrap, topic, args.events)
+                else:
+                    assert pg is not None
+                    url = pg.fresh(f"kafka_{kind}")
+                    if kind == "postgres":
+                        result = child("phasewatch", bootstrap, topic, args.events, "--db-url", url)
+                    else:
+                        result = children(bootstrap, topic, args.events, url, args.pg_consumers)
+                    result["counts"] = pg.counts(url)
+                    pg.drop(url)
+                runs[kind].append(result)
+                print(f"round {round_no + 1} {kind}: {result}", file=sys.stderr)
+    report(args, kinds, runs)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,21 @@ run out of deliveries (no repeats), and the server-side check passes:
   table, it holds at least the distinct event ids that were acknowledged (fewer would
   mean a 2xx before commit) and at most those that were sent.
 
-Results: a table on stdout and ``bench/results/webhook.json``. Goal: phasewatch reaches
-at least 0.5x the bare receiver's events/s (median of per-round ratios).
+With ``--postgres`` (a local server from the machine's binaries, started once for the
+run; ``--database-url ADMIN_URL`` uses an existing one), PostgreSQL contenders join the
+same rounds: ``postgres`` (one replica) and, with ``--replicas 1,2``, ``postgres-x2``: two
+``phasewatch serve`` processes on two ports sharing one database, driven by two wrk
+instances at once, each with half the connections and its own half of the deliveries
+(requests/s summed; latency the worse of the two). Every PostgreSQL run gets a fresh
+database; the check reads its ``events`` table and ``counters`` row.
+
+Results: a table on stdout and ``bench/results/webhook.json``. Goals, median of per-round
+ratios to the bare receiver's events/s: SQLite (``phasewatch``) at least 0.5x, PostgreSQL
+at least 0.4x.
 
     .venv/bin/python bench/webhook_bench.py                 # 3 rounds, -t1 -c32 -d15s
     .venv/bin/python bench/webhook_bench.py --only bare --rounds 1
+    .venv/bin/python bench/webhook_bench.py --postgres --replicas 1,2   # + PostgreSQL
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import gen_deliveries
+from pg_local import BenchPostgres, bench_postgres, code_state
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -57,7 +68,28 @@ VENV_PY = REPO / ".venv" / "bin" / "python"
 PHASEWATCH_BIN = REPO / ".venv" / "bin" / "phasewatch"
 HOST = "127.0.0.1"
 GOAL_RATIO = 0.5
-SERVERS = ("bare", "phasewatch")
+PG_GOAL_RATIO = 0.4
+SERVERS = ("bare", "phasewatch")  # the default contenders; see contenders_for()
+
+
+def replicas_of(name: str) -> int:
+    """postgres -> 1, postgres-x2 -> 2; everything else runs one process."""
+    m = re.fullmatch(r"postgres-x(\d+)", name)
+    return int(m.group(1)) if m else 1
+
+
+def is_postgres(name: str) -> bool:
+    return name == "postgres" or name.startswith("postgres-x")
+
+
+def goal_for(name: str) -> float:
+    return PG_GOAL_RATIO if is_postgres(name) else GOAL_RATIO
+
+
+def pg_name(replicas: int) -> str:
+    return "postgres" if replicas == 1 else f"postgres-x{replicas}"
+
+
 DEFAULT_DELIVERIES = 300_000  # ~20k/s for 15 s on one thread before a repeat
 
 
@@ -76,11 +108,13 @@ class Config:
     ready_timeout: float
     keep: bool
     out_json: Path
+    contenders: tuple[str, ...] = SERVERS
+    pg_admin_url: str | None = None  # None with a postgres contender: start a local server
 
-    def wrk_args(self) -> list[str]:
+    def wrk_args(self, connections: int | None = None) -> list[str]:
         return [
             f"-t{self.threads}",
-            f"-c{self.connections}",
+            f"-c{connections or self.connections}",
             f"-d{self.duration}s",
             f"--timeout={self.timeout}s",
         ]
@@ -212,9 +246,10 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 class Server:
     """A server subprocess on 127.0.0.1:<port> with its own scratch directory."""
 
-    def __init__(self, name: str, cfg: Config, tag: str) -> None:
+    def __init__(self, name: str, cfg: Config, tag: str, db_url: str | None = None) -> None:
         self.name = name
         self.cfg = cfg
+        self.db_url = db_url  # a PostgreSQL database; None: a fresh SQLite file
         self.port = free_port()
         self.base = f"http://{HOST}:{self.port}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"pwbench-{name}-"))
@@ -248,7 +283,7 @@ class Server:
             ]
             return cmd, env
         env.update(
-            PHASEWATCH_DATABASE_URL=f"sqlite:///{self.db_path}",
+            PHASEWATCH_DATABASE_URL=self.db_url or f"sqlite:///{self.db_path}",
             PHASEWATCH_HTTP_HOST=HOST,
             PHASEWATCH_HTTP_PORT=str(self.port),
             PHASEWATCH_WEBHOOK_SECRET=self.cfg.secret,
@@ -329,34 +364,87 @@ def _num(value: str) -> int | float | str:
 
 
 def run_wrk(wrk: str, cfg: Config, url: str, deliveries: Path, result: RunResult) -> str:
-    env = {
-        **os.environ,
-        "PHASEWATCH_BENCH_DELIVERIES": str(deliveries),
-        "PHASEWATCH_BENCH_THREADS": str(cfg.threads),
-        "PHASEWATCH_BENCH_OFFSET": "0",
-        "PHASEWATCH_BENCH_COUNT": str(cfg.deliveries),
-    }
-    cmd = [wrk, *cfg.wrk_args(), "-s", str(LUA), url]
-    try:
-        proc = subprocess.run(
-            cmd,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=cfg.duration + 120,
-        )
-    except subprocess.TimeoutExpired:
-        result.problems.append(f"wrk did not finish within {cfg.duration + 120}s")
+    return run_wrks(wrk, cfg, [url], deliveries, result)
+
+
+def run_wrks(wrk: str, cfg: Config, urls: list[str], deliveries: Path, result: RunResult) -> str:
+    """One wrk per URL, all at once: the connections and the deliveries window split
+    evenly between them (disjoint slices); their summaries merged into ``result``."""
+    n = len(urls)
+    if cfg.connections < n * cfg.threads:
+        result.problems.append(f"--connections {cfg.connections} < {n} wrk x {cfg.threads}")
         return ""
-    out = proc.stdout + proc.stderr
-    if proc.returncode != 0:
-        result.problems.append(f"wrk exited with {proc.returncode}")
+    procs = []
+    for i, url in enumerate(urls):
+        lo, hi = i * cfg.deliveries // n, (i + 1) * cfg.deliveries // n
+        conns = (i + 1) * cfg.connections // n - i * cfg.connections // n
+        env = {
+            **os.environ,
+            "PHASEWATCH_BENCH_DELIVERIES": str(deliveries),
+            "PHASEWATCH_BENCH_THREADS": str(cfg.threads),
+            "PHASEWATCH_BENCH_OFFSET": str(lo),
+            "PHASEWATCH_BENCH_COUNT": str(hi - lo),
+        }
+        cmd = [wrk, *cfg.wrk_args(conns), "-s", str(LUA), url]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
+    outs = []
+    deadline = time.monotonic() + cfg.duration + 120
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            result.problems.append(f"wrk did not finish within {cfg.duration + 120}s")
+        if proc.returncode != 0:
+            result.problems.append(f"wrk exited with {proc.returncode}")
+        outs.append(out)
+    summaries = []
+    for out in outs:
+        summary = parse_wrk(out, result)
+        if summary:
+            summaries.append(summary)
+    if len(summaries) == n:
+        result.wrk = merge_wrk(summaries)
+    return "\n".join(outs)
+
+
+_SUMMED = ("requests", "bytes", "sent", "responses", "loaded", "wraps", "threads", "rps")
+_SUMMED_ERR = ("connect_errors", "read_errors", "write_errors", "timeout_errors", "status_errors")
+
+
+def merge_wrk(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several wrk instances' PWBENCH summaries as one: counts and rates summed,
+    latencies the worst instance's (a conservative p50/p99), duration the longest."""
+    if len(summaries) == 1:
+        return summaries[0]
+    merged: dict[str, Any] = {}
+    for key in summaries[0]:
+        values = [s.get(key, 0) for s in summaries]
+        if key in _SUMMED or key in _SUMMED_ERR:
+            merged[key] = sum(values)
+        elif key == "non2xx":
+            merged[key] = (
+                sum(int(v) for v in values) if all(v != "unknown" for v in values) else "unknown"
+            )
+        else:
+            merged[key] = max(values)
+    merged["instances"] = len(summaries)
+    merged["per_instance_rps"] = [s.get("rps") for s in summaries]
+    return merged
+
+
+def parse_wrk(out: str, result: RunResult) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
     for line in out.splitlines():
         kind, _, rest = line.partition(" ")
         fields = {k: _num(v) for k, v in _KV.findall(rest)}
         if kind == "PWBENCH":
-            result.wrk = fields
+            summary = fields
         elif kind == "PWBENCH_THREAD":
             result.threads.append({k: int(v) for k, v in fields.items()})
         elif kind == "PWBENCH_STATUS":
@@ -364,7 +452,7 @@ def run_wrk(wrk: str, cfg: Config, url: str, deliveries: Path, result: RunResult
             result.statuses[code] = result.statuses.get(code, 0) + int(fields["count"])
         elif kind == "PWBENCH_ERROR":
             result.problems.append(rest)
-    return out
+    return summary
 
 
 def judge_wrk(result: RunResult, cfg: Config) -> None:
@@ -441,17 +529,27 @@ def check_phasewatch_live(server: Server, result: RunResult) -> None:
             result.server_check["stats"] = json.loads(raw)
 
 
-def check_phasewatch_db(server: Server, result: RunResult, index: DeliveryIndex) -> None:
+def check_phasewatch_db(
+    server: Server, result: RunResult, index: DeliveryIndex, pg: BenchPostgres | None = None
+) -> None:
     ranges, unanswered = sent_ranges(result)
     hi = index.distinct(ranges)
     lo = max(hi - unanswered, 0)
     check: dict[str, Any] = {"sent_distinct_event_ids": hi, "acked_distinct_event_ids_min": lo}
-    try:
-        counts = sqlite_counts(server.db_path)
-    except sqlite3.Error as exc:
-        counts = {}
-        result.warnings.append(f"could not read {server.db_path}: {exc}")
-    check["sqlite_tables"] = counts
+    if server.db_url is not None and pg is not None:
+        try:
+            counts = pg.counts(server.db_url)
+        except Exception as exc:  # reported; the run is judged without it
+            counts = {}
+            result.warnings.append(f"could not read the PostgreSQL database: {exc}")
+        check["postgres_tables"] = counts
+    else:
+        try:
+            counts = sqlite_counts(server.db_path)
+        except sqlite3.Error as exc:
+            counts = {}
+            result.warnings.append(f"could not read {server.db_path}: {exc}")
+        check["sqlite_tables"] = counts
     table = _pick_table(counts, "event")
     if table is None:
         check["events_plausible"] = "unknown (no events table found)"
@@ -495,36 +593,48 @@ class Bench:
     wrk: str
     deliveries: Path
     index: DeliveryIndex | None
+    pg: BenchPostgres | None = None
 
 
 def one_run(bench: Bench, name: str, rnd: int, order: int) -> RunResult:
     cfg, index = bench.cfg, bench.index
     result = RunResult(server=name, round=rnd, order=order)
-    server = Server(name, cfg, f"r{rnd}")
-    result.log = str(server.log_path)
+    db_url = None
+    if is_postgres(name):
+        assert bench.pg is not None
+        db_url = bench.pg.fresh(f"r{rnd}_{name}")
+        result.server_check["database"] = db_url.rpartition("/")[2]
+    n = replicas_of(name)
+    servers = [Server(name, cfg, f"r{rnd}" + (f"-{i}" if n > 1 else ""), db_url) for i in range(n)]
+    result.log = ", ".join(str(s.log_path) for s in servers)
     try:
         try:
-            result.startup_s = round(server.start(), 3)
+            # One at a time: replicas sharing a database migrate it once, in turn.
+            result.startup_s = round(sum(s.start() for s in servers), 3)
         except RuntimeError as exc:
             result.problems.append(str(exc))
             return result
-        url = f"{server.base}/webhooks/livepeer"
-        out = run_wrk(bench.wrk, cfg, url, bench.deliveries, result)
+        urls = [f"{s.base}/webhooks/livepeer" for s in servers]
+        out = run_wrks(bench.wrk, cfg, urls, bench.deliveries, result)
         (RESULTS / "runs" / f"r{rnd}-{name}.wrk.txt").write_text(out, encoding="utf-8")
         judge_wrk(result, cfg)
-        if not server.alive():
-            result.problems.append(f"{name} died during the run: {server.log_tail(5)}")
-        elif name == "phasewatch":
-            check_phasewatch_live(server, result)
-        rc = server.stop()
-        result.server_check["exit_code"] = rc
+        for server in servers:
+            if not server.alive():
+                result.problems.append(f"{name} died during the run: {server.log_tail(5)}")
+            elif name != "bare":
+                check_phasewatch_live(server, result)
+        codes = [s.stop() for s in servers]
+        result.server_check["exit_code"] = codes[0] if n == 1 else codes
         if name == "bare":
-            check_bare(server, result)
+            check_bare(servers[0], result)
         elif index is not None and result.threads:
-            check_phasewatch_db(server, result, index)
+            check_phasewatch_db(servers[0], result, index, bench.pg)
     finally:
-        server.stop()
-        server.cleanup()
+        for server in servers:
+            server.stop()
+            server.cleanup()
+        if db_url is not None and bench.pg is not None and not cfg.keep:
+            bench.pg.drop(db_url)
     result.valid = not result.problems
     if result.valid:
         result.rps = float(result.wrk["rps"])
@@ -538,6 +648,8 @@ def describe(r: RunResult) -> str:
     extra = ""
     if "events_committed" in r.server_check:
         extra = f", {r.server_check['events_committed']} events committed"
+    if "per_instance_rps" in w:
+        extra += ", per wrk " + " + ".join(f"{x:.0f}" for x in w["per_instance_rps"])
     return (
         f"  round {r.round} {r.server:<10} {r.rps:9.1f} req/s  p50 {w['lat_p50_us'] / 1000:6.2f} ms"
         f"  p99 {w['lat_p99_us'] / 1000:7.2f} ms  ({w['requests']} requests{extra})"
@@ -556,8 +668,8 @@ def _median(values: list[float]) -> float | None:
 
 
 def summarize(runs: list[RunResult], cfg: Config) -> dict[str, Any]:
-    summary: dict[str, Any] = {"goal_ratio": GOAL_RATIO}
-    for name in SERVERS:
+    summary: dict[str, Any] = {"goal_ratio": GOAL_RATIO, "pg_goal_ratio": PG_GOAL_RATIO}
+    for name in cfg.contenders:
         ok = [r for r in runs if r.server == name and r.valid]
         summary[name] = {
             "valid_runs": len(ok),
@@ -565,18 +677,31 @@ def summarize(runs: list[RunResult], cfg: Config) -> dict[str, Any]:
             "median_rps": _median([rate(r) for r in ok]),
             "median_p50_ms": _median([r.wrk["lat_p50_us"] / 1000 for r in ok]),
             "median_p99_ms": _median([r.wrk["lat_p99_us"] / 1000 for r in ok]),
+            "per_round_rps": [round(rate(r), 1) for r in runs if r.server == name],
         }
-    ratios = []
-    for rnd in range(cfg.rounds):
-        pair = {r.server: r for r in runs if r.round == rnd and r.valid}
-        if "bare" in pair and "phasewatch" in pair:
-            ratios.append(rate(pair["phasewatch"]) / rate(pair["bare"]))
-    summary["per_round_ratio"] = [round(x, 4) for x in ratios]
-    summary["median_of_ratios"] = _median(ratios)
-    b, p = summary["bare"]["median_rps"], summary["phasewatch"]["median_rps"]
-    summary["ratio_of_medians"] = p / b if b and p else None
-    key = summary["median_of_ratios"]
-    summary["goal_met"] = None if key is None else key >= GOAL_RATIO
+    summary["ratios"] = {}
+    for name in cfg.contenders:
+        if name == "bare" or "bare" not in cfg.contenders:
+            continue
+        ratios = []
+        for rnd in range(cfg.rounds):
+            pair = {r.server: r for r in runs if r.round == rnd and r.valid}
+            if "bare" in pair and name in pair:
+                ratios.append(rate(pair[name]) / rate(pair["bare"]))
+        b, p = summary["bare"]["median_rps"], summary[name]["median_rps"]
+        key = _median(ratios)
+        summary["ratios"][name] = {
+            "per_round_ratio": [round(x, 4) for x in ratios],
+            "median_of_ratios": key,
+            "ratio_of_medians": p / b if b and p else None,
+            "goal_ratio": goal_for(name),
+            "goal_met": None if key is None else key >= goal_for(name),
+        }
+    main = summary["ratios"].get("phasewatch", {})  # the historical keys: SQLite
+    summary["per_round_ratio"] = main.get("per_round_ratio", [])
+    summary["median_of_ratios"] = main.get("median_of_ratios")
+    summary["ratio_of_medians"] = main.get("ratio_of_medians")
+    summary["goal_met"] = main.get("goal_met")
     return summary
 
 
@@ -586,43 +711,50 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_table(runs: list[RunResult], summary: dict[str, Any], cfg: Config) -> None:
     by = {(r.round, r.server): r for r in runs}
+    names = list(cfg.contenders)
+    width = [max(len(n) + 6, 12) for n in names]
     print()
     print(
-        f"{'round':>5} | {'bare req/s':>10} {'p50 ms':>7} {'p99 ms':>7} | "
-        f"{'phasewatch req/s':>16} {'p50 ms':>7} {'p99 ms':>7} | {'ratio':>6}"
+        f"{'round':>5} | "
+        + " | ".join(
+            f"{n + ' req/s':>{w}} {'p50 ms':>7} {'p99 ms':>7}"
+            for n, w in zip(names, width, strict=True)
+        )
     )
-    print("-" * 86)
+    line = 8 + sum(w + 19 for w in width)
+    print("-" * line)
     for rnd in range(cfg.rounds):
         cells = []
-        for name, width in (("bare", 10), ("phasewatch", 16)):
+        for name, w in zip(names, width, strict=True):
             r = by.get((rnd, name))
             if r is None:
-                cells.append(f"{'-':>{width}} {'-':>7} {'-':>7}")
+                cells.append(f"{'-':>{w}} {'-':>7} {'-':>7}")
             elif not r.valid:
-                cells.append(f"{'INVALID':>{width}} {'-':>7} {'-':>7}")
+                cells.append(f"{'INVALID':>{w}} {'-':>7} {'-':>7}")
             else:
                 cells.append(
-                    f"{r.rps:>{width}.1f} {r.wrk['lat_p50_us'] / 1000:>7.2f} "
+                    f"{r.rps:>{w}.1f} {r.wrk['lat_p50_us'] / 1000:>7.2f} "
                     f"{r.wrk['lat_p99_us'] / 1000:>7.2f}"
                 )
-        b, p = by.get((rnd, "bare")), by.get((rnd, "phasewatch"))
-        ratio = rate(p) / rate(b) if b and p and b.valid and p.valid else None
-        print(f"{rnd:>5} | {cells[0]} | {cells[1]} | {_fmt(ratio, '6.3f'):>6}")
-    print("-" * 86)
-    sb, sp = summary["bare"], summary["phasewatch"]
-    print(
-        f"{'med':>5} | {_fmt(sb['median_rps'], '10.1f'):>10} {_fmt(sb['median_p50_ms'], '7.2f'):>7}"
-        f" {_fmt(sb['median_p99_ms'], '7.2f'):>7} | {_fmt(sp['median_rps'], '16.1f'):>16}"
-        f" {_fmt(sp['median_p50_ms'], '7.2f'):>7} {_fmt(sp['median_p99_ms'], '7.2f'):>7} |"
-    )
+        print(f"{rnd:>5} | " + " | ".join(cells))
+    print("-" * line)
+    meds = []
+    for name, w in zip(names, width, strict=True):
+        m = summary[name]
+        meds.append(
+            f"{_fmt(m['median_rps'], f'{w}.1f'):>{w}} {_fmt(m['median_p50_ms'], '7.2f'):>7}"
+            f" {_fmt(m['median_p99_ms'], '7.2f'):>7}"
+        )
+    print(f"{'med':>5} | " + " | ".join(meds))
     print()
-    print(
-        f"phasewatch / bare: median of per-round ratios {_fmt(summary['median_of_ratios'], '.3f')}"
-        f", ratio of medians {_fmt(summary['ratio_of_medians'], '.3f')}"
-        f" (goal >= {GOAL_RATIO})"
-    )
-    goal = summary["goal_met"]
-    print("goal: " + ("n/a" if goal is None else ("MET" if goal else "NOT MET")))
+    for name, ratio in summary["ratios"].items():
+        goal = ratio["goal_met"]
+        print(
+            f"{name} / bare: median of per-round ratios {_fmt(ratio['median_of_ratios'], '.3f')}"
+            f" {ratio['per_round_ratio']}, ratio of medians"
+            f" {_fmt(ratio['ratio_of_medians'], '.3f')} (goal >= {ratio['goal_ratio']}): "
+            + ("n/a" if goal is None else ("MET" if goal else "NOT MET"))
+        )
 
 
 # ---------------------------------------------------------------- machine
@@ -683,7 +815,28 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
     )
     ap.add_argument("--seed", type=int, default=gen_deliveries.DEFAULT_SEED)
     ap.add_argument("--secret", default=gen_deliveries.DEFAULT_SECRET)
-    ap.add_argument("--only", choices=SERVERS)
+    ap.add_argument(
+        "--only",
+        help="comma-separated contenders to run, of: bare, phasewatch (SQLite), postgres,"
+        " postgres-xN (N replicas)",
+    )
+    ap.add_argument(
+        "--postgres",
+        action="store_true",
+        help="add PostgreSQL contenders, on a local server started for the run"
+        " (deploy/postgres_local.py, fsync on); a fresh database per run",
+    )
+    ap.add_argument(
+        "--database-url",
+        help="add PostgreSQL contenders on this existing server instead (an admin URL whose"
+        " user may CREATE DATABASE; each run gets a fresh database, dropped after)",
+    )
+    ap.add_argument(
+        "--replicas",
+        default="1",
+        help="PostgreSQL contenders' replica counts, comma-separated (1,2: postgres and"
+        " postgres-x2, two serve processes on one database, one wrk each)",
+    )
     ap.add_argument(
         "--phasewatch-cmd",
         default=f"{PHASEWATCH_BIN} serve",
@@ -698,6 +851,22 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         ap.error("--rounds/--duration/--connections/--threads/--deliveries must be positive")
     if a.connections < a.threads:
         ap.error("--connections must be >= --threads")
+    try:
+        replicas = [int(x) for x in a.replicas.split(",") if x.strip()]
+    except ValueError:
+        ap.error("--replicas: comma-separated integers, e.g. 1,2")
+    if not replicas or min(replicas) < 1:
+        ap.error("--replicas: at least one count, each >= 1")
+    contenders = list(SERVERS)
+    if a.postgres or a.database_url:
+        contenders += [pg_name(n) for n in replicas]
+    if a.only:
+        contenders = [x.strip() for x in a.only.split(",") if x.strip()]
+        for name in contenders:
+            if name not in SERVERS and not is_postgres(name):
+                ap.error(f"--only: unknown contender {name!r}")
+    if any(is_postgres(n) and replicas_of(n) * a.threads > a.connections for n in contenders):
+        ap.error("--connections must be >= replicas x --threads")
     cfg = Config(
         rounds=a.rounds,
         duration=a.duration,
@@ -708,6 +877,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         seed=a.seed,
         secret=a.secret,
         only=a.only,
+        contenders=tuple(contenders),
+        pg_admin_url=a.database_url,
         phasewatch_cmd=shlex.split(a.phasewatch_cmd),
         ready_timeout=a.ready_timeout,
         keep=a.keep,
@@ -719,13 +890,32 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
 def main(argv: list[str] | None = None) -> int:
     cfg, install = parse_args(argv)
     wrk = ensure_wrk(install)
-    servers = [cfg.only] if cfg.only else list(SERVERS)
+    servers = list(cfg.contenders)
     exe = cfg.phasewatch_cmd[0] if cfg.phasewatch_cmd else ""
-    if "phasewatch" in servers and not (Path(exe).exists() or shutil.which(exe)):
+    if servers != ["bare"] and not (Path(exe).exists() or shutil.which(exe)):
         raise SystemExit(f"{exe!r} not found (pip install -e . in the venv?)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     deliveries, meta = ensure_deliveries(cfg)
-    index = DeliveryIndex(deliveries) if "phasewatch" in servers else None
+    index = DeliveryIndex(deliveries) if servers != ["bare"] else None
+    with contextlib.ExitStack() as stack:
+        pg = None
+        if any(is_postgres(n) for n in servers):
+            pg = stack.enter_context(bench_postgres(cfg.pg_admin_url))
+        return _main(
+            cfg=cfg, wrk=wrk, servers=servers, deliveries=deliveries, meta=meta, index=index, pg=pg
+        )
+
+
+def _main(
+    *,
+    cfg: Config,
+    wrk: str,
+    servers: list[str],
+    deliveries: Path,
+    meta: dict[str, Any],
+    index: DeliveryIndex | None,
+    pg: BenchPostgres | None,
+) -> int:
     machine = machine_info(wrk)
     print(
         f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}), Python {machine['python']}"
@@ -736,7 +926,14 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk {' '.join(cfg.wrk_args())} -s {LUA.name}; {cfg.deliveries} deliveries "
         f"({meta['stats']['distinct_event_ids']} distinct event ids) from {deliveries}"
     )
-    bench = Bench(cfg=cfg, wrk=wrk, deliveries=deliveries, index=index)
+    if pg is not None:
+        machine["postgres"] = pg.server_version()
+        print(
+            f"postgres: {machine['postgres']} ({cfg.pg_admin_url or 'local, started for the run'})"
+        )
+    machine["code"] = code_state()
+    print(f"code: {machine['code']}")
+    bench = Bench(cfg=cfg, wrk=wrk, deliveries=deliveries, index=index, pg=pg)
     runs: list[RunResult] = []
     started = time.monotonic()
     for rnd in range(cfg.rounds):
