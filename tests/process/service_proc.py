@@ -29,24 +29,33 @@ def free_port() -> int:
 class ServiceProcess:
     def __init__(
         self,
-        db: Path,
+        db: Path | str,
         env: Mapping[str, str] | None = None,
         *,
         port: int | None = None,
         cwd: Path = REPO,
         preexec: Callable[[], None] | None = None,
+        log: Path | None = None,
         **extra: str,
     ) -> None:
-        """``env`` and ``extra`` are environment variables for the service, over ours;
-        ``preexec`` runs in the child before it starts (limits, signal dispositions)."""
+        """``db``: a SQLite file (the log goes next to it, ``.log``), or a database URL
+        such as ``postgresql://...`` (then ``log`` names the log file). ``env`` and
+        ``extra`` are environment variables for the service, over ours; ``preexec`` runs
+        in the child before it starts (limits, signal dispositions)."""
         self.cwd = cwd
         self.preexec = preexec
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = db.with_suffix(".log")
+        if isinstance(db, Path):
+            database_url = f"sqlite:///{db}"
+            self.log = log or db.with_suffix(".log")
+        elif log is None:
+            raise ValueError("a service on a database URL needs a log path (log=...)")
+        else:
+            database_url, self.log = db, log
         self.env = {
             **os.environ,
-            "PHASEWATCH_DATABASE_URL": f"sqlite:///{db}",
+            "PHASEWATCH_DATABASE_URL": database_url,
             "PHASEWATCH_HTTP_HOST": "127.0.0.1",
             "PHASEWATCH_HTTP_PORT": str(self.port),
             "PYTHONPATH": str(REPO),
