@@ -1,6 +1,7 @@
 """Handler lifecycle in the dispatcher: every handler's ``on_start`` runs at start and its
-``on_stop`` at stop, on the leader and on a standby alike; a failing hook is logged and
-neither stops the service nor the other handlers' hooks."""
+``on_stop`` at stop, on a process that delivers (holds dispatch lanes) and on a standby
+(holds none) alike; a failing hook is logged and neither stops the service nor the other
+handlers' hooks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from consumer.core.change import PhaseChange
 from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
+from consumer.dispatch.lanes import cursor_name
 from consumer.dispatch.subscription import Subscription
 from consumer.store.memory import MemoryStore
 from tests.support import CrossLoopEvent, snapshot, webhook_body
@@ -72,8 +74,9 @@ async def ingest_one(store: MemoryStore, dispatcher: Dispatcher) -> int:
 
 
 async def leader(store: MemoryStore, recorder: Recorder) -> Dispatcher:
-    """A dispatcher proven to hold the lease: it delivered a change to every handler."""
-    dispatcher = Dispatcher(store, recorder.subscriptions(), poll_s=0.05)
+    """A dispatcher proven to hold the lanes: it delivered a change to every handler.
+    Its lease (3 s) has it save its cursors every second."""
+    dispatcher = Dispatcher(store, recorder.subscriptions(), poll_s=0.05, lease_s=3.0)
     await dispatcher.start()
     await ingest_one(store, dispatcher)
     await recorder.all_delivered()
@@ -93,7 +96,7 @@ async def test_leader_starts_and_stops_every_handler(store: MemoryStore) -> None
 async def test_standby_starts_and_stops_every_handler(store: MemoryStore) -> None:
     first = await leader(store, Recorder())
     recorder = Recorder()
-    # Long poll: the standby makes one pass at start, finds the lease taken, then waits.
+    # Long poll: the standby makes one pass at start, finds every lane taken, then waits.
     standby = Dispatcher(store, recorder.subscriptions(), poll_s=60)
     await standby.start()
     try:
@@ -110,17 +113,25 @@ async def test_standby_stop_leaves_the_leaders_cursors(store: MemoryStore) -> No
     first = await leader(store, Recorder())
     last = (await store.stats()).last_change_seq
 
+    async def cursors() -> list[int | None]:
+        # Every lane's, of every handler (16 lanes by default).
+        return [
+            await store.get_cursor(cursor_name(name, lane, 16))
+            for name in NAMES
+            for lane in range(16)
+        ]
+
     async def saved() -> None:
-        while [await store.get_cursor(name) for name in NAMES] != [last] * len(NAMES):
+        while await cursors() != [last] * len(NAMES) * 16:
             await asyncio.sleep(0.01)
 
-    # The leader saves its cursors on its next housekeeping pass.
+    # The leader saves its cursors on a housekeeping pass.
     await asyncio.wait_for(saved(), TIMEOUT_S)
     standby = Dispatcher(store, Recorder().subscriptions(), poll_s=60)
     await standby.start()
     await standby.stop()
     try:
-        assert [await store.get_cursor(name) for name in NAMES] == [last] * len(NAMES)
+        assert await cursors() == [last] * len(NAMES) * 16
     finally:
         await first.stop()
 
