@@ -84,7 +84,12 @@ class Service:
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.dispatcher = Dispatcher(self.store, self.handlers)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.handlers,
+            lanes=settings.dispatch_lanes,
+            lease_s=settings.dispatch_lease_s,
+        )
         self.ingestor = Ingestor(
             self.store,
             source="webhook",
