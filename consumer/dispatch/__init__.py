@@ -1,2 +1,3 @@
 """Delivering recorded changes to handlers: the subscription seam, the delivery policy,
-the dispatcher (lanes, retries, dead letters, the dispatch lease) and handler loading."""
+the dispatcher (per-handler queues, retries, dead letters, the outbox split into lanes
+that replicas share through leases), the lane assignment and handler loading."""

@@ -53,16 +53,19 @@ history's ``seq`` (``history_after``, ``stats().last_event_seq``). The dispatche
 cursor per handler and reads ``changes_after(cursor)``; rebuild reads the history up to
 ``last_event_seq`` and later folds in ``seq > upto``. A change committed behind the
 cursor would be skipped for good. A single writer (SQLite) gives this for free; a
-backend with concurrent writers must serialize seq allocation with commit, or expose
-only seqs below a visibility watermark (all transactions that could still commit a
-lower seq have ended).
+backend with concurrent writers must serialize seq allocation with commit (PostgreSQL
+does: the seqs are taken last, under one row lock held until COMMIT), or expose only
+seqs below a visibility watermark (all transactions that could still commit a lower seq
+have ended).
 
 **Within a task**, changes have increasing seqs in the order the fold made them, so a
 dispatcher that delivers per task in seq order delivers in fold order.
 
 **Concurrency.** Every method is a coroutine, safe to call concurrently from one event
-loop; a backend serializes its own writes. Several processes may share one store (a CLI
-import next to the service); they agree on one dispatcher through a lease.
+loop; a backend serializes its own writes, or (PostgreSQL) makes concurrent ones safe by
+locking the tasks a batch folds, in id order. Several processes may share one store (a
+CLI import next to the service; replicas on one PostgreSQL database); they share the
+dispatch lanes through leases (:mod:`consumer.dispatch.dispatcher`).
 """
 
 from __future__ import annotations
@@ -440,7 +443,9 @@ class OutboxStore(Protocol):
 
 
 class LeaseStore(Protocol):
-    """Named leases, so that processes sharing a store agree on one holder."""
+    """Named leases, so that processes sharing a store agree on one holder of each.
+    ``now_ms`` is the caller's clock: processes on several hosts need clocks in step
+    (NTP) well within a lease's time."""
 
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
