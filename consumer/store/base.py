@@ -441,6 +441,25 @@ class OutboxStore(Protocol):
         by this process wake the dispatcher directly, and others are found by its poll."""
         ...
 
+    async def oldest_change_seq(self) -> int:
+        """1 + the highest seq :meth:`prune_changes` removed (1 when none was): a reader
+        whose cursor is below this minus one has missed changes (the feed's 410)."""
+        ...
+
+    async def prune_changes(
+        self,
+        *,
+        before_ms: int | None = None,
+        keep_last: int | None = None,
+        needed_by: Sequence[str] | None = None,
+    ) -> int:
+        """Delete outbox changes recorded before ``before_ms`` and/or all but the newest
+        ``keep_last``; the history is untouched. Never a change a handler still needs:
+        none past the lowest cursor of the handlers named in ``needed_by`` (a cursor
+        ``name`` or ``name@lane...``; None: every cursor), and none with a delivery
+        record that is not final (failing, dead, redrive). Returns how many went."""
+        ...
+
 
 class LeaseStore(Protocol):
     """Named leases, so that processes sharing a store agree on one holder of each.

@@ -38,13 +38,15 @@ class MemoryStore:
         self._by_task: dict[str, list[HistoryEntry]] = {}
         self._states: dict[str, TaskState] = {}
         self._versions: dict[str, int] = {}
-        self._changes: list[ChangeRecord] = []
+        self._changes: dict[int, ChangeRecord] = {}  # by seq (pruning leaves holes)
+        self._last_change = 0
         self._deliveries: dict[tuple[str, int, bool], Delivery] = {}
         self._cursors: dict[str, int] = {}
         self._seq = 0
         self._leases: dict[str, tuple[str, int]] = {}
         self._meta: dict[str, str] = {}
         self._staged: dict[str, TaskState] = {}
+        self._pruned_upto = 0
 
     async def open(self) -> None:
         return None
@@ -96,8 +98,9 @@ class MemoryStore:
             self._versions[task_id] += 1
         recorded = []
         for change in plan.changes:
-            record = change.recorded(len(self._changes) + 1, received_at)
-            self._changes.append(record)
+            self._last_change += 1
+            record = change.recorded(self._last_change, received_at)
+            self._changes[self._last_change] = record
             recorded.append(record)
         return IngestResult(plan.outcomes, recorded)
 
@@ -180,13 +183,51 @@ class MemoryStore:
             self._meta[key] = value
 
     async def task_changes(self, task_id: str) -> list[ChangeRecord]:
-        return [c for c in self._changes if c.task_id == task_id]
+        return [c for c in self._changes.values() if c.task_id == task_id]
 
     async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
-        return self._changes[seq : seq + limit]  # seq n sits at index n - 1
+        found = (self._changes.get(s) for s in range(seq + 1, self._last_change + 1))
+        out: list[ChangeRecord] = []
+        for change in found:
+            if change is not None:
+                out.append(change)
+                if len(out) == limit:
+                    break
+        return out
 
     async def changes_by_seq(self, seqs: Sequence[int]) -> list[ChangeRecord]:
-        return [self._changes[s - 1] for s in sorted(set(seqs)) if 0 < s <= len(self._changes)]
+        return [self._changes[s] for s in sorted(set(seqs)) if s in self._changes]
+
+    async def oldest_change_seq(self) -> int:
+        return self._pruned_upto + 1
+
+    async def prune_changes(
+        self,
+        *,
+        before_ms: int | None = None,
+        keep_last: int | None = None,
+        needed_by: Sequence[str] | None = None,
+    ) -> int:
+        floor = _needed_floor(self._cursors, needed_by, self._last_change)
+        pending = {
+            d.seq
+            for d in self._deliveries.values()
+            if d.status in (DeliveryStatus.FAILING, DeliveryStatus.DEAD, DeliveryStatus.REDRIVE)
+        }
+        newest_kept = self._last_change - keep_last if keep_last is not None else None
+        gone = [
+            seq
+            for seq, c in self._changes.items()
+            if seq <= floor
+            and seq not in pending
+            and (before_ms is None or c.recorded_at < before_ms)
+            and (newest_kept is None or seq <= newest_kept)
+            and (before_ms is not None or keep_last is not None)
+        ]
+        for seq in gone:
+            del self._changes[seq]
+        self._pruned_upto = max([self._pruned_upto, *gone])
+        return len(gone)
 
     async def get_cursor(self, handler: str) -> int | None:
         return self._cursors.get(handler)
@@ -259,8 +300,19 @@ class MemoryStore:
         }
 
     async def stats(self) -> StoreStats:
-        n = len(self._changes)
-        return StoreStats(len(self._events), len(self._states), n, n, self._seq)
+        return StoreStats(
+            len(self._events), len(self._states), len(self._changes), self._last_change, self._seq
+        )
+
+
+def _needed_floor(cursors: Mapping[str, int], needed_by: Sequence[str] | None, last: int) -> int:
+    """The highest seq every named handler has resolved (``last`` when none is named)."""
+    seqs = [
+        seq
+        for name, seq in cursors.items()
+        if needed_by is None or any(name == h or name.startswith(f"{h}@") for h in needed_by)
+    ]
+    return min(seqs, default=last)
 
 
 def _matches(state: TaskState, query: TaskQuery) -> bool:

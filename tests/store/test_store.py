@@ -836,3 +836,44 @@ async def test_sqlite_creates_a_new_file(tmp_path: Path) -> None:
         assert (await store.stats()).events == 0
     finally:
         await store.close()
+
+
+async def _changes_at(store: Store, times: list[int]) -> list[int]:
+    """One phase change (a new task) per time, recorded at that time; their seqs."""
+    seqs: list[int] = []
+    for t in times:
+        result = await store.ingest([decode(ev(f"p{t}", f"P{t}", "pending", 1))], "webhook", t)
+        seqs.extend(c.seq for c in result.changes)
+    return seqs
+
+
+async def test_prune_changes_by_time_and_count_keeps_the_history(store: Store) -> None:
+    seqs = await _changes_at(store, [100, 200, 300, 400, 500])
+    assert await store.oldest_change_seq() == 1
+    assert await store.prune_changes() == 0  # neither bound given: nothing goes
+    assert await store.prune_changes(before_ms=250) == 2
+    assert [c.seq for c in await store.changes_after(0)] == seqs[2:]
+    assert await store.oldest_change_seq() == seqs[1] + 1
+    assert await store.prune_changes(keep_last=1) == 2
+    assert [c.seq for c in await store.changes_after(0)] == seqs[4:]
+    stats = await store.stats()
+    assert (stats.changes, stats.last_change_seq, stats.events) == (1, seqs[4], 5)
+    assert len(await store.task_history("P100")) == 1  # the history is untouched
+    assert await store.oldest_change_seq() == seqs[3] + 1
+    # The next change still follows the last seq, pruned or not.
+    later = await _changes_at(store, [600])
+    assert later == [seqs[4] + 1]
+
+
+async def test_prune_never_takes_a_change_a_handler_still_needs(store: Store) -> None:
+    seqs = await _changes_at(store, [100, 200, 300, 400])
+    await store.set_cursor("slow@0/2", seqs[1])  # lane cursors of handler "slow"
+    await store.set_cursor("slow@1/2", seqs[2])
+    await store.set_cursor("gone", 0)  # a handler this service no longer runs
+    await store.record_deliveries([Delivery("slow", seqs[0], DeliveryStatus.DEAD, 3, 1, 2, "boom")])
+    # Every cursor counts by default: "gone" holds everything back.
+    assert await store.prune_changes(before_ms=10_000) == 0
+    # Only "slow" is needed: up to its lowest lane cursor, except its dead letter.
+    assert await store.prune_changes(before_ms=10_000, needed_by=["slow"]) == 1
+    assert [c.seq for c in await store.changes_after(0)] == [seqs[0], seqs[2], seqs[3]]
+    assert await store.oldest_change_seq() == seqs[1] + 1

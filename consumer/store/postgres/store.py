@@ -647,6 +647,50 @@ class PostgresStore:
         )
         return [_change(row) for row in rows]
 
+    async def oldest_change_seq(self) -> int:
+        rows = await self._fetch("SELECT value FROM meta WHERE key = $1", _PRUNED_UPTO)
+        return (int(rows[0][0]) if rows else 0) + 1
+
+    async def prune_changes(
+        self,
+        *,
+        before_ms: int | None = None,
+        keep_last: int | None = None,
+        needed_by: Sequence[str] | None = None,
+    ) -> int:
+        if before_ms is None and keep_last is None:
+            return 0
+
+        async def run(con: asyncpg.Connection) -> int:
+            last: int = await con.fetchval("SELECT changes FROM counters")
+            cursors = await con.fetch("SELECT handler, seq FROM cursors")
+            seqs = [
+                row[1]
+                for row in cursors
+                if needed_by is None
+                or any(row[0] == h or row[0].startswith(f"{h}@") for h in needed_by)
+            ]
+            upto = min(seqs, default=last)
+            if keep_last is not None:
+                upto = min(upto, last - keep_last)
+            gone: int | None = await con.fetchval(
+                "WITH gone AS (DELETE FROM changes WHERE seq <= $1"
+                " AND ($2::bigint IS NULL OR recorded_at < $2)"
+                " AND seq NOT IN (SELECT seq FROM deliveries"
+                " WHERE status IN ('failing', 'dead', 'redrive')) RETURNING seq),"
+                " top AS (SELECT count(*) AS n, max(seq) AS upto FROM gone),"
+                " note AS (INSERT INTO meta (key, value) SELECT $3, upto::text FROM top"
+                " WHERE upto IS NOT NULL ON CONFLICT (key) DO UPDATE SET value ="
+                " greatest(meta.value::bigint, excluded.value::bigint)::text)"
+                " SELECT n FROM top",
+                upto,
+                before_ms,
+                _PRUNED_UPTO,
+            )
+            return gone or 0
+
+        return await self._write(run)
+
     async def get_cursor(self, handler: str) -> int | None:
         rows = await self._fetch("SELECT seq FROM cursors WHERE handler = $1", handler)
         return int(rows[0][0]) if rows else None
@@ -675,15 +719,16 @@ class PostgresStore:
         return [_delivery(row) for row in rows]
 
     async def stats(self) -> StoreStats:
-        # The history and outbox counts are the counters (the history is append-only;
-        # the outbox's seqs have no gaps: a rolled-back allocation rolls back with its
-        # transaction). Tasks are counted: `rebuild --check` relies on the view's real
-        # row count, whatever was done to it behind the store's back.
+        # The history's count is its counter (append-only, and its seqs have no gaps: a
+        # rolled-back allocation rolls back with its transaction). Tasks and changes are
+        # counted: `rebuild --check` relies on the view's real row count, and retention
+        # prunes the outbox.
         rows = await self._fetch(
-            "SELECT events, changes, (SELECT count(*) FROM tasks) FROM counters"
+            "SELECT events, changes, (SELECT count(*) FROM tasks),"
+            " (SELECT count(*) FROM changes) FROM counters"
         )
-        events, changes, tasks = rows[0]
-        return StoreStats(events, tasks, changes, changes, events)
+        events, last_change, tasks, changes = rows[0]
+        return StoreStats(events, tasks, changes, last_change, events)
 
 
 def _rebuild_columns(states: Mapping[str, TaskState]) -> list[list[Any]]:
@@ -715,6 +760,7 @@ def _reason(exc: BaseException) -> str:
 
 
 _CHANNEL = "phasewatch_changes"
+_PRUNED_UPTO = "phasewatch:changes_pruned_upto"
 _LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
 # $1-$7 the view rows; $8-$9 how many events and changes; $10-$11 source and receipt
 # time; $12-$18 the events; $19-$25 the changes.

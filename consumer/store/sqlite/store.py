@@ -586,6 +586,45 @@ class SQLiteStore:
         rows = await self._run(self._reader, run)
         return sorted((_change(row) for row in rows), key=lambda c: c.seq)
 
+    async def oldest_change_seq(self) -> int:
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (_PRUNED_UPTO,))
+        return (int(rows[0][0]) if rows else 0) + 1
+
+    async def prune_changes(
+        self,
+        *,
+        before_ms: int | None = None,
+        keep_last: int | None = None,
+        needed_by: Sequence[str] | None = None,
+    ) -> int:
+        if before_ms is None and keep_last is None:
+            return 0
+
+        def run(con: sqlite3.Connection) -> int:
+            (last,) = con.execute("SELECT coalesce(max(seq), 0) FROM changes").fetchone()
+            floor = _needed_floor(con, needed_by, last)
+            upto = floor if keep_last is None else min(floor, last - keep_last)
+            where = ["seq <= ?"]
+            params: list[Any] = [upto]
+            if before_ms is not None:
+                where.append("recorded_at < ?")
+                params.append(before_ms)
+            where.append(
+                "seq NOT IN (SELECT seq FROM deliveries"
+                " WHERE status IN ('failing', 'dead', 'redrive'))"
+            )
+            sql = f"DELETE FROM changes WHERE {' AND '.join(where)} RETURNING seq"  # noqa: S608
+            gone = [seq for (seq,) in con.execute(sql, params).fetchall()]
+            if gone:
+                con.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE"
+                    " SET value = max(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                    (_PRUNED_UPTO, str(max(gone))),
+                )
+            return len(gone)
+
+        return await self._write(run)
+
     async def get_cursor(self, handler: str) -> int | None:
         rows = await self._read("SELECT seq FROM cursors WHERE handler = ?", (handler,))
         return int(rows[0][0]) if rows else None
@@ -623,11 +662,27 @@ class SQLiteStore:
     async def stats(self) -> StoreStats:
         rows = await self._read(
             "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),"
-            " (SELECT count(*) FROM changes), (SELECT coalesce(max(seq), 0) FROM changes),"
+            " (SELECT count(*) FROM changes),"
+            # Not max(seq): retention may have pruned the newest changes.
+            " (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'changes'),"
             " (SELECT coalesce(max(seq), 0) FROM events)"
         )
         events, tasks, changes, last, last_event = rows[0]
         return StoreStats(events, tasks, changes, last, last_event)
+
+
+_PRUNED_UPTO = "phasewatch:changes_pruned_upto"
+
+
+def _needed_floor(con: sqlite3.Connection, needed_by: Sequence[str] | None, last: int) -> int:
+    """The highest seq every named handler has resolved (``last`` when none is named)."""
+    cursors = con.execute("SELECT handler, seq FROM cursors").fetchall()
+    seqs = [
+        seq
+        for name, seq in cursors
+        if needed_by is None or any(name == h or name.startswith(f"{h}@") for h in needed_by)
+    ]
+    return min(seqs, default=last)
 
 
 # A staged task keeps the number its history is filed under.
