@@ -177,8 +177,12 @@ class SQLiteStore:
         try:
             con.execute("PRAGMA busy_timeout = 10000")
             if writer:
-                con.execute("PRAGMA journal_mode = WAL")
-                self._ensure_schema(con)
+                # Two processes opening one file at once (a migration Job next to a
+                # replica, tests): switching to WAL and the first reads can meet the
+                # other's lock in ways SQLite reports at once rather than through the
+                # busy handler. Those are retried, up to the same 10 s.
+                _when_unlocked(lambda: con.execute("PRAGMA journal_mode = WAL"))
+                _when_unlocked(lambda: self._ensure_schema(con))
                 # From here on the writer waits in begin_immediate, finer grained.
                 con.execute("PRAGMA busy_timeout = 0")
             con.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -672,6 +676,21 @@ class SQLiteStore:
 
 
 _PRUNED_UPTO = "phasewatch:changes_pruned_upto"
+
+
+def _when_unlocked(fn: Callable[[], object], wait_s: float = 10.0) -> None:
+    """Run ``fn``, again while SQLite answers "database is locked" (up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.001
+    while True:
+        try:
+            fn()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def _needed_floor(con: sqlite3.Connection, needed_by: Sequence[str] | None, last: int) -> int:
