@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from consumer.api.app import HttpConfig, build_app
+from consumer.core.change import ChangeRecord
 from consumer.core.secrets import describe_error, redact_text
 from consumer.dispatch.dispatcher import Dispatcher
 from consumer.dispatch.loading import load_subscriptions
@@ -28,6 +30,8 @@ from consumer.sources.group_commit import Ingestor
 from consumer.sources.kafka.group import KafkaSource
 from consumer.sources.kafka.options import BrokersUnreachable
 from consumer.sources.kafka.producers import KafkaForwarder
+from consumer.sources.reconcile import ReconcileLoop
+from consumer.sources.studio import StudioClient
 from consumer.sources.webhook import EventSink
 from consumer.store.base import Store
 from consumer.store.memory import MemoryStore
@@ -110,6 +114,7 @@ class Service:
             if settings.webhook_forward:
                 self.forwarder = KafkaForwarder(settings.kafka_connection(), settings.topics()[0])
                 sink = self.forwarder
+        self.reconcile = _reconcile_loop(settings, self.store, self.dispatcher.notify)
         secret = settings.webhook_secret
         token = settings.api_token
         self.loop_lag = LoopLag()  # of the loop serving webhooks and the API
@@ -157,6 +162,8 @@ class Service:
             status["storeFailing"] = failing
         if self.forwarder is not None:
             status["forwarded"] = self.forwarder.forwarded
+        if self.reconcile is not None:
+            status["reconcile"] = self.reconcile.status()
         return status
 
     async def _store_failing(self) -> str | None:
@@ -199,6 +206,8 @@ class Service:
                 await self.forwarder.start()
         except BrokersUnreachable as exc:
             raise ConfigError(f"PHASEWATCH_KAFKA_BOOTSTRAP_SERVERS: {exc}") from exc
+        if self.reconcile is not None:
+            await self.reconcile.start()
         if self.settings.webhook_secret is None:
             log.warning(
                 "PHASEWATCH_WEBHOOK_SECRET is not set: UNSIGNED webhooks are accepted. "
@@ -207,6 +216,8 @@ class Service:
 
     async def _on_cleanup(self, app: web.Application) -> None:
         del app
+        if self.reconcile is not None:
+            await self.reconcile.stop()
         if self.forwarder is not None:
             await self.forwarder.stop()
         if self.kafka is not None:
@@ -215,6 +226,25 @@ class Service:
         await self.dispatcher.stop()
         await self.store.close()
         self.loop_lag.stop()
+
+
+def _reconcile_loop(
+    settings: Settings, store: Store, on_changes: Callable[[Sequence[ChangeRecord]], None]
+) -> ReconcileLoop | None:
+    """The reconcile loop, when a Studio API key is set and the interval is not 0."""
+    every = settings.reconcile_every_s()
+    key = settings.livepeer_api_key
+    if key is None or every <= 0:
+        return None
+    url = settings.livepeer_api_url
+    return ReconcileLoop(
+        store,
+        lambda: StudioClient(url, key.get_secret_value()),
+        interval_s=every,
+        overlap_ms=int(settings.reconcile_overlap_s * 1000),
+        lease_s=settings.dispatch_lease_s,
+        on_changes=on_changes,  # as the webhook ingestor's: dispatch wakes
+    )
 
 
 async def serve(settings: Settings) -> None:

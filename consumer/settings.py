@@ -213,6 +213,28 @@ class Settings(BaseSettings):
         description="With Kafka: produce verified webhooks to the first topic "
         "(acks=all) instead of storing them; the consumer materializes them.",
     )
+    # -- reconciling with Livepeer Studio's task list (spec §7)
+    livepeer_api_key: SecretStr | None = Field(
+        None,
+        description="Livepeer Studio API key: set, `serve` reconciles with Studio's task "
+        "list (tasks whose webhooks were lost) and `phasewatch reconcile` works.",
+    )
+    livepeer_api_url: str = Field(
+        "https://livepeer.studio/api",
+        description="Livepeer Studio API base; the reconciler lists {url}/task.",
+    )
+    reconcile_interval_s: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds between reconcile passes in `serve` (one replica at a time, "
+        "under a lease); unset: 300 when PHASEWATCH_LIVEPEER_API_KEY is set; 0 disables.",
+    )
+    reconcile_overlap_s: float = Field(
+        60.0,
+        ge=0,
+        description="Each reconcile pass starts this far before the last one's watermark "
+        "(updates Studio commits late); what is re-read is deduplicated.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -299,6 +321,28 @@ class Settings(BaseSettings):
 
     def handler_refs(self) -> list[str]:
         return [ref.strip() for ref in self.handlers.split(",") if ref.strip()]
+
+    def reconcile_every_s(self) -> float:
+        """Seconds between the service's reconcile passes; 0: no reconcile loop."""
+        if self.livepeer_api_key is None:
+            return 0.0
+        return 300.0 if self.reconcile_interval_s is None else self.reconcile_interval_s
+
+    @model_validator(mode="after")
+    def _reconcile_needs_key(self) -> Settings:
+        if self.reconcile_interval_s and self.livepeer_api_key is None:
+            raise ValueError(
+                "PHASEWATCH_RECONCILE_INTERVAL_S needs PHASEWATCH_LIVEPEER_API_KEY (the key "
+                "the reconciler lists tasks with)"
+            )
+        return self
+
+    @field_validator("livepeer_api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("must be an http:// or https:// URL")  # the value may hold a key
+        return value.rstrip("/")
 
     @model_validator(mode="after")
     def _forward_needs_kafka(self) -> Settings:

@@ -105,6 +105,48 @@ class _Snapshot(Collector):
             for partition, behind in kafka["lag"].items():
                 lag.add_metric([partition], behind)
             yield lag
+        reconcile = s.get("reconcile")
+        if reconcile is not None:
+            yield from _reconcile(reconcile)
+
+
+RECONCILE_ERROR_KINDS = ("auth", "rate_limited", "server", "network", "response")
+
+
+def _reconcile(r: Mapping[str, Any]) -> Iterator[Metric]:
+    """The reconcile loop's figures (Studio's task list, spec §7)."""
+    yield _gauge(
+        "phasewatch_reconcile_leader", "1 when this replica runs the reconcile passes.", r["leader"]
+    )
+    yield _counter("phasewatch_reconcile_passes", "Reconcile passes run.", r["passes"])
+    yield _counter(
+        "phasewatch_reconcile_failed_passes", "Reconcile passes that failed.", r["failedPasses"]
+    )
+    yield _counter(
+        "phasewatch_reconcile_requests", "Requests made to Studio's task list.", r["requests"]
+    )
+    yield _counter(
+        "phasewatch_reconcile_tasks_seen", "Task snapshots read from Studio.", r["tasksSeen"]
+    )
+    yield _counter(
+        "phasewatch_reconcile_tasks_repaired",
+        "Tasks whose Studio snapshot changed the view: missed by the webhooks.",
+        r["tasksRepaired"],
+    )
+    errors = CounterMetricFamily(
+        "phasewatch_reconcile_errors",
+        "Failed requests to Studio (each retry counts), by kind.",
+        labels=["kind"],
+    )
+    for kind in sorted({*RECONCILE_ERROR_KINDS, *r["errors"]}):
+        errors.add_metric([kind], r["errors"].get(kind, 0))
+    yield errors
+    last = r["lastSuccessMs"]
+    yield _gauge(
+        "phasewatch_reconcile_last_success_timestamp_seconds",
+        "When the last reconcile pass completed (Unix seconds; 0: never).",
+        0 if last is None else last / 1000,
+    )
 
 
 def render(status: Mapping[str, Any]) -> bytes:

@@ -1,5 +1,5 @@
 """The ``phasewatch`` command line: ``serve``, ``tasks get|list``, ``dead-letters``,
-``import``, ``export``, ``replay kafka|rebuild|handlers`` and ``send``.
+``import``, ``export``, ``replay kafka|rebuild|handlers``, ``reconcile`` and ``send``.
 
 Settings come from ``PHASEWATCH_*`` variables (listed by ``phasewatch --help``); the few
 flags here are per-invocation choices, not configuration.
@@ -24,6 +24,7 @@ import orjson
 from pydantic import ValidationError
 
 from consumer import __version__
+from consumer.cli import reconcile as cli_reconcile
 from consumer.cli import replay as cli_replay
 from consumer.cli.args import phase, positive, time_ms
 from consumer.core.secrets import redact, redact_text
@@ -90,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--all", action="store_true", help="every dead letter (of --handler)")
 
     cli_replay.add_commands(sub)
+    cli_reconcile.add_command(sub)
 
     send = sub.add_parser("send", help="POST a deliveries file to a webhook endpoint")
     send.add_argument("file", type=Path, help='JSONL: {"signature": ..., "body": ...} per line')
@@ -145,6 +147,11 @@ def _command(settings: Settings, args: argparse.Namespace) -> int:
     if cli_replay.handles(args):
         try:
             return asyncio.run(cli_replay.run(settings, args))
+        except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop
+            return 130
+    if cli_reconcile.handles(args):
+        try:
+            return asyncio.run(cli_reconcile.run(settings, args))
         except KeyboardInterrupt:  # a second Ctrl-C: the first asked for a clean stop
             return 130
     return asyncio.run(_send(args))
