@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from consumer.api.app import HttpConfig, build_app
+from consumer.api.changes import ChangeFeed, StreamConfig
+from consumer.changes_retention import RetentionLoop
 from consumer.core.change import ChangeRecord
 from consumer.core.secrets import describe_error, redact_text
 from consumer.dispatch.dispatcher import Dispatcher
@@ -99,7 +101,21 @@ class Service:
             source="webhook",
             max_batch=settings.ingest_max_batch,
             max_inflight=self.store.pipeline_depth,
-            on_changes=self.dispatcher.notify,
+            on_changes=self._changes_committed,
+        )
+        # The changes feed's "changes committed" broadcaster: its readers re-read the store.
+        self.feed = ChangeFeed(
+            StreamConfig(
+                heartbeat_s=settings.changes_heartbeat_s,
+                max_buffer_bytes=settings.changes_stream_max_buffer_bytes,
+                drain_timeout_s=settings.changes_stream_drain_timeout_s,
+            )
+        )
+        self.retention = RetentionLoop(
+            self.store,
+            settings.changes_retention_policy(),
+            needed_by=[s.name for s in self.handlers],
+            interval_s=settings.changes_retention_interval_s,
         )
         self.kafka: KafkaSource | None = None
         self.forwarder: KafkaForwarder | None = None
@@ -109,12 +125,12 @@ class Service:
                 self.store,
                 settings.kafka_connection(),
                 settings.kafka_source(),
-                on_changes=self.dispatcher.notify,
+                on_changes=self._changes_committed,
             )
             if settings.webhook_forward:
                 self.forwarder = KafkaForwarder(settings.kafka_connection(), settings.topics()[0])
                 sink = self.forwarder
-        self.reconcile = _reconcile_loop(settings, self.store, self.dispatcher.notify)
+        self.reconcile = _reconcile_loop(settings, self.store, self._changes_committed)
         secret = settings.webhook_secret
         token = settings.api_token
         self.loop_lag = LoopLag()  # of the loop serving webhooks and the API
@@ -130,9 +146,15 @@ class Service:
             ),
             self.status,
             lambda: self.loop_lag.seconds,
+            feed=self.feed,
         )
         self.app.on_startup.append(self._on_startup)
         self.app.on_cleanup.append(self._on_cleanup)
+
+    def _changes_committed(self, changes: Sequence[ChangeRecord]) -> None:
+        """After a commit here that recorded changes: dispatch and the feed wake."""
+        self.dispatcher.notify(changes)
+        self.feed.notify(changes)
 
     async def status(self) -> dict[str, Any]:
         """The readiness payload: store counts, ingestion, dispatch and Kafka figures."""
@@ -198,6 +220,8 @@ class Service:
         await self.dispatcher.start()  # first: it fixes new handlers' starting point
         # Changes committed by other replicas (a shared database) wake dispatch too.
         await self.store.listen_changes(lambda: self.dispatcher.notify([]))
+        await self.store.listen_changes(self.feed.notify)  # and the changes feed
+        await self.retention.start()
         await self.ingestor.start()
         try:
             if self.kafka is not None:
@@ -224,6 +248,7 @@ class Service:
             await self.kafka.stop()
         await self.ingestor.stop()
         await self.dispatcher.stop()
+        await self.retention.stop()
         await self.store.close()
         self.loop_lag.stop()
 

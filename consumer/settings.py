@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from consumer.changes_retention import Retention, parse_retention
 from consumer.dispatch.policy import DeliveryPolicy
 from consumer.sources.kafka.options import KafkaConnection, SourceOptions
 
@@ -235,6 +236,39 @@ class Settings(BaseSettings):
         description="Each reconcile pass starts this far before the last one's watermark "
         "(updates Studio commits late); what is re-read is deduplicated.",
     )
+
+    # -- the changes feed (GET /changes, /changes/stream)
+    changes_retention: str = Field(
+        "7d",
+        description="How long the outbox keeps changes for the feed: a time (7d, 12h, 30m, "
+        "90s) or a count (100000: the newest that many); 0/off keeps all. The history "
+        "is never pruned, nor a change a handler still needs.",
+    )
+    changes_retention_interval_s: float = Field(
+        60.0, gt=0, description="How often `serve` prunes the outbox (one replica at a time)."
+    )
+    changes_heartbeat_s: float = Field(
+        15.0, gt=0, description="/changes/stream sends a keep-alive comment this often when idle."
+    )
+    changes_stream_max_buffer_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="A /changes/stream client whose connection buffers more is dropped.",
+    )
+    changes_stream_drain_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A /changes/stream client that takes longer to take a write is dropped.",
+    )
+
+    @field_validator("changes_retention")
+    @classmethod
+    def _known_retention(cls, value: str) -> str:
+        parse_retention(value)
+        return value.strip().lower()
+
+    def changes_retention_policy(self) -> Retention:
+        return parse_retention(self.changes_retention)
 
     @field_validator("database_url")
     @classmethod

@@ -1,8 +1,8 @@
 """The HTTP surface (aiohttp), assembled: the webhook receiver
-(:mod:`consumer.sources.webhook`), the read API (:mod:`consumer.api.tasks`), dead-letter
-administration (:mod:`consumer.api.admin`) and the probes (:mod:`consumer.api.health`),
-behind one error middleware and, with a token, one auth middleware. The only module
-that builds an aiohttp application.
+(:mod:`consumer.sources.webhook`), the read API (:mod:`consumer.api.tasks`), the changes
+feed (:mod:`consumer.api.changes`), dead-letter administration (:mod:`consumer.api.admin`)
+and the probes (:mod:`consumer.api.health`), behind one error middleware and, with a token,
+one auth middleware. The only module that builds an aiohttp application.
 
 Every error body is JSON: ``{"error": <code>, "message": <what was wrong>}``; an
 unexpected exception is a 500 that never leaks internals.
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from consumer.api import admin, health, tasks
+from consumer.api import admin, changes, health, tasks
+from consumer.api.changes import FEED_KEY, STREAM_PATH, ChangeFeed
 from consumer.api.context import LAG_KEY, LAG_LIMIT_KEY, STATUS_KEY, STORE_KEY, ApiStore, StatusFn
 from consumer.api.openapi import document
 from consumer.api.responses import bad_encoding, error, json_response
@@ -49,7 +50,12 @@ def build_app(
     config: HttpConfig,
     status: StatusFn,
     loop_lag: Callable[[], float] = lambda: 0.0,
+    *,
+    feed: ChangeFeed | None = None,
 ) -> web.Application:
+    """``feed``: the changes feed's broadcaster, which the service notifies of commits
+    (a new one, never notified, when not given: readers then find changes on their
+    heartbeat re-reads only)."""
     # client_max_size makes aiohttp refuse larger bodies while reading (413) instead of
     # buffering them; Content-Length is checked before reading anything.
     # The auth middleware only exists when a token is configured: nothing per request else.
@@ -65,11 +71,15 @@ def build_app(
     app[STATUS_KEY] = status
     app[LAG_KEY] = loop_lag
     app[LAG_LIMIT_KEY] = config.liveness_max_lag_s
+    app[FEED_KEY] = feed = feed or ChangeFeed()
+    app.on_shutdown.append(feed.close)  # long-polls answer, streams end: a prompt stop
     webhook = WebhookConfig(config.webhook_secret, config.tolerance_ms, config.max_body_bytes)
     app.router.add_post(WEBHOOK_PATH, webhook_handler(sink, webhook))
     app.router.add_get("/tasks", tasks.list_tasks)
     app.router.add_get("/tasks/{task_id}", tasks.get_task)
     app.router.add_get("/tasks/{task_id}/history", tasks.task_history)
+    app.router.add_get("/changes", changes.list_changes)
+    app.router.add_get(STREAM_PATH, changes.stream_changes)
     app.router.add_get("/dead-letters", admin.list_dead_letters)
     app.router.add_post("/dead-letters/retry", admin.retry_dead_letters)
     app.router.add_post("/dead-letters/drop", admin.drop_dead_letters)
@@ -111,12 +121,19 @@ _OPEN_PATHS = frozenset({WEBHOOK_PATH, "/healthz", "/readyz", "/openapi.json"})
 
 def _auth(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
+    bare = token.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN_PATHS:
             given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            # A browser's EventSource cannot set headers: the stream also takes ?token=.
+            if request.path == STREAM_PATH and "Authorization" not in request.headers:
+                query_token = request.query.get("token", "").encode()
+                ok = bool(query_token) and hmac.compare_digest(query_token, bare)
+            else:
+                ok = hmac.compare_digest(given, expected)
+            if not ok:
                 return error(401, "unauthorized", "this API requires Authorization: Bearer <token>")
         return await handler(request)
 

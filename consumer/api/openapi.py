@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from consumer import __version__
+from consumer.api.changes import MAX_WAIT_S
 from consumer.api.context import MAX_PAGE
 
 __all__ = ["document"]
@@ -26,6 +27,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         400: "The request can never succeed as sent: what is wrong is in the message.",
         401: "Missing, malformed, wrong or stale credentials.",
         404: "No such task.",
+        410: "The cursor is older than the oldest change retained: re-list (GET /tasks), "
+        "then resume from GET /changes without after.",
         413: "The body is above the size limit (before or after decoding).",
         415: "A Content-Encoding other than gzip or deflate.",
         422: "An event whose task cannot be used, or nested too deep.",
@@ -157,6 +160,72 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/changes": {
+                "get": {
+                    "summary": "Recorded changes in commit order, from a cursor (long-poll)",
+                    "description": "Follow every change: start without after (the oldest "
+                    "change retained) or with after=now, then pass next as after. next moves "
+                    "past every row examined, matched or not. With wait, an empty answer "
+                    "waits up to that many seconds for a change to commit. Only the listed "
+                    "fields of a change appear, never the task. An after older than "
+                    "retention kept is 410: re-list (GET /tasks), then start again.",
+                    "parameters": [*_CHANGE_FILTERS, _LIMIT, _WAIT],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "changes": {"type": "array", "items": _CHANGE_REF},
+                                    "next": {"type": "string"},
+                                },
+                                "required": ["changes", "next"],
+                            },
+                            "A page of changes (maybe empty) and the cursor to go on from.",
+                        ),
+                        **_errors(400, 410),
+                        **_AUTH,
+                    },
+                }
+            },
+            "/changes/stream": {
+                "get": {
+                    "summary": "Recorded changes as server-sent events, live",
+                    "description": "text/event-stream: each change is an event with "
+                    "id: <cursor>, event: change and data: the change as in GET /changes; "
+                    "an id-only block moves the id past rows no filter matched; a comment "
+                    "': keep-alive' while idle (PHASEWATCH_CHANGES_HEARTBEAT_S). Resumes "
+                    "after the Last-Event-ID header, else after. A client too slow to take "
+                    "the events is disconnected (it resumes from its last id). If "
+                    "retention overtakes the stream, an event 'gone' ends it: re-list. "
+                    "With PHASEWATCH_API_TOKEN set, a browser's EventSource (which "
+                    "cannot send headers) may pass the token as ?token= instead of "
+                    "the Authorization header; it is compared in constant time. Only "
+                    "this route takes ?token=.",
+                    "parameters": [
+                        *_CHANGE_FILTERS,
+                        {
+                            "name": "Last-Event-ID",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "The id of the last event received; wins over "
+                            "after (EventSource sends it when it reconnects).",
+                        },
+                        _query(
+                            "token",
+                            "The API token (for EventSource), instead of the Authorization header.",
+                        ),
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "The stream of events.",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        **_errors(400, 410),
+                        **_AUTH,
+                    },
+                }
+            },
             "/dead-letters": {
                 "get": {
                     "summary": "Deliveries that failed for good",
@@ -229,14 +298,52 @@ def document() -> dict[str, Any]:
         },
         "components": {
             "schemas": {
+                "Change": {
+                    "type": "object",
+                    "properties": {
+                        "cursor": {"type": "string"},
+                        "taskId": {"type": "string"},
+                        "type": {"type": ["string", "null"]},
+                        "previousPhase": {"type": ["string", "null"]},
+                        "phase": {"type": "string"},
+                        "changedAt": {"type": "number"},
+                        "eventId": {"type": "string"},
+                        "kind": {"enum": ["phase", "update"]},
+                    },
+                    "required": [
+                        "cursor",
+                        "taskId",
+                        "type",
+                        "previousPhase",
+                        "phase",
+                        "changedAt",
+                        "eventId",
+                        "kind",
+                    ],
+                },
                 "Error": {
                     "type": "object",
                     "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
                     "required": ["error", "message"],
-                }
+                },
             }
         },
     }
+
+
+_CHANGE_REF = {"$ref": "#/components/schemas/Change"}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+    "description": "Most changes in the answer (default 100).",
+}
+_WAIT = {
+    "name": "wait",
+    "in": "query",
+    "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_S},
+    "description": "Seconds to wait for a change to commit when there is none (default 0).",
+}
 
 
 def _query(name: str, description: str, *, min_length: int = 0) -> dict[str, Any]:
@@ -279,3 +386,21 @@ def _move(summary: str) -> dict[str, Any]:
             },
         }
     }
+
+
+_CHANGE_FILTERS = [
+    _query(
+        "after",
+        "A cursor (a change's cursor, or next) to start after, or now (only changes "
+        "committed from here on). Unset: from the oldest change retained.",
+        min_length=1,
+    ),
+    _query(
+        "kind",
+        "phase (default): phase changes; update: other changes of a task (recorded when "
+        "a handler asks for updates); comma-separated, or all.",
+    ),
+    _query("phase", "Comma-separated phases changed to (repeatable)."),
+    _query("type", "Comma-separated task types (repeatable)."),
+    _query("taskId", "Only this task's changes (repeatable)."),
+]
