@@ -43,9 +43,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/webhook_bench.py
 	$(BIN)/python bench/ingest_bench.py
 
-## A local single-node Kafka broker (jars from Maven Central, cached), in the foreground.
+## A local single-node Kafka broker (jars from Maven Central, cached), in the foreground,
+## with phasewatch's default topic and its dead-letter topic created.
+KAFKA_TOPIC      ?= livepeer.task-events
+KAFKA_PARTITIONS ?= 4
 kafka: $(STAMP)
-	$(BIN)/python deploy/kafka_local.py start
+	$(BIN)/python deploy/kafka_local.py start \
+		--create-topic $(KAFKA_TOPIC):$(KAFKA_PARTITIONS) --create-topic $(KAFKA_TOPIC).dlq:1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

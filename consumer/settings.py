@@ -147,6 +147,12 @@ class Settings(BaseSettings):
         gt=0,
         description="/readyz answers 503 once the consumer is out of its group this long.",
     )
+    kafka_metadata_max_age_s: float = Field(
+        5.0,
+        ge=0.1,
+        description="How often the consumer refreshes topic metadata (one small request): "
+        "a topic created after start, or a partition added, is consumed within this long.",
+    )
     sqlite_fold_here: float = Field(
         0.7,
         ge=0,
@@ -340,6 +346,7 @@ class Settings(BaseSettings):
             max_batch=self.kafka_max_batch,
             dlq_suffix=self.kafka_dlq_suffix,
             join_grace_s=self.kafka_join_grace_s,
+            metadata_max_age_s=self.kafka_metadata_max_age_s,
         )
 
     def delivery_policy(self) -> DeliveryPolicy:

@@ -10,8 +10,12 @@ ways and must stay stdlib-only so all of them can load it without installing any
 * CI scripts, via ``python deploy/kafka_local.py fetch`` to warm the jar cache;
 * a developer running phasewatch with Kafka on one machine::
 
-      python deploy/kafka_local.py start --port 9092
-      # prints PHASEWATCH_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 once the broker accepts clients
+      python deploy/kafka_local.py start --port 9092 --create-topic livepeer.task-events:4
+      # prints PHASEWATCH_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 once the broker accepts
+      # clients and the topics asked for exist (`make kafka` asks for phasewatch's defaults)
+
+``--override KEY=VALUE`` sets a broker property (e.g. ``auto.create.topics.enable=false``,
+as production brokers run); ``LocalKafka(properties=...)`` does the same from Python.
 
 Requirements: ``java`` (17+) and ``mvn`` on PATH, network access to Maven Central on the first
 run (jars are cached under ``~/.cache/phasewatch/kafka-<version>/libs``).
@@ -30,12 +34,13 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -58,6 +63,7 @@ __all__ = [
     "KafkaJarsError",
     "KafkaStartError",
     "LocalKafka",
+    "create_topics",
     "default_cache_dir",
     "ensure_jars",
     "main",
@@ -291,8 +297,11 @@ class LocalKafka:
         cache_dir: Path | None = None,
         java: str = "java",
         class_data_sharing: bool = True,
+        properties: Mapping[str, str] | None = None,
     ) -> None:
         self.version = version
+        # Broker properties over (or besides) the defaults of _write_config.
+        self.properties = dict(properties or {})
         self.cache_dir = cache_dir
         self.java = java
         self.class_data_sharing = class_data_sharing
@@ -384,6 +393,14 @@ class LocalKafka:
         _LIVE.add(self)
         self._wait_ready(timeout, log_offset)
         return self.bootstrap_servers
+
+    def create_topics(
+        self, topics: Iterable[tuple[str, int]], timeout: float = 30
+    ) -> dict[str, bool]:
+        """Create ``(name, partitions)`` topics, replication factor 1 (:func:`create_topics`)."""
+        if not self.running:
+            raise RuntimeError("the broker is not running")
+        return create_topics(self.port, topics, timeout)
 
     def stop(self, timeout: float = 30) -> None:
         """Clean shutdown (SIGTERM), escalating to SIGKILL after ``timeout`` seconds."""
@@ -537,6 +554,7 @@ class LocalKafka:
             # Smaller segments keep a long-lived dev data dir compact; retention stays default.
             "log.segment.bytes": str(16 * 1024 * 1024),
         }
+        props.update({key: _prop(value) for key, value in self.properties.items()})
         self._server_properties.write_text(
             "".join(f"{k}={v}\n" for k, v in props.items()), encoding="utf-8"
         )
@@ -612,6 +630,157 @@ logger.lifecycle.level = INFO
 
 
 # --------------------------------------------------------------------------------------------
+# Topics
+# --------------------------------------------------------------------------------------------
+
+# CreateTopics (API key 19) v2: spoken by every broker since Kafka 1.0 and still by 4.x (which
+# dropped v0-v1). Stdlib-only, so this module runs without a Kafka client library; the jars
+# hold no topic CLI (kafka-tools is not a dependency of the broker).
+_CREATE_TOPICS = 19
+_CREATE_TOPICS_VERSION = 2
+_TOPIC_ALREADY_EXISTS = 36
+# A broker that has just opened its listener may not be registered with its controller yet
+# (INVALID_REPLICATION_FACTOR: "0 available brokers"), nor have a controller at hand.
+_RETRIABLE = {
+    5: "LEADER_NOT_AVAILABLE",
+    7: "REQUEST_TIMED_OUT",
+    8: "BROKER_NOT_AVAILABLE",
+    38: "INVALID_REPLICATION_FACTOR",
+    41: "NOT_CONTROLLER",
+    89: "THROTTLING_QUOTA_EXCEEDED",
+}
+
+
+def _kafka_string(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return struct.pack(">h", len(raw)) + raw
+
+
+def _create_topics_request(
+    correlation_id: int, topics: list[tuple[str, int]], timeout_ms: int
+) -> bytes:
+    body = struct.pack(">i", len(topics))
+    for name, partitions in topics:
+        # partitions, replication factor 1, no manual assignment, no topic configs
+        body += _kafka_string(name) + struct.pack(">ihii", partitions, 1, 0, 0)
+    body += struct.pack(">ib", timeout_ms, 0)  # validate_only = false
+    header = struct.pack(">hhi", _CREATE_TOPICS, _CREATE_TOPICS_VERSION, correlation_id)
+    message = header + _kafka_string("phasewatch-kafka-local") + body
+    return struct.pack(">i", len(message)) + message
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.at = 0
+
+    def take(self, fmt: str) -> tuple[int, ...]:
+        values = struct.unpack_from(fmt, self.data, self.at)
+        self.at += struct.calcsize(fmt)
+        return values
+
+    def string(self) -> str | None:
+        (length,) = self.take(">h")
+        if length < 0:
+            return None
+        value = self.data[self.at : self.at + length].decode("utf-8", "replace")
+        self.at += length
+        return value
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        chunk = sock.recv(size - len(chunks))
+        if not chunk:
+            raise ConnectionError("the broker closed the connection")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def _create_topics_once(
+    port: int, topics: list[tuple[str, int]], timeout: float
+) -> dict[str, tuple[int, str | None]]:
+    """One CreateTopics round trip: name -> (error code, error message)."""
+    correlation_id = secrets.randbits(31)
+    with socket.create_connection((LOOPBACK, port), timeout=timeout + 5) as sock:
+        sock.sendall(_create_topics_request(correlation_id, topics, int(timeout * 1000)))
+        (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+        reader = _Reader(_recv_exactly(sock, size))
+    got_id, _throttle_ms, count = reader.take(">iii")
+    if got_id != correlation_id:
+        raise ConnectionError(f"CreateTopics answer for request {got_id}, not {correlation_id}")
+    results: dict[str, tuple[int, str | None]] = {}
+    for _ in range(count):
+        name = reader.string() or ""
+        (code,) = reader.take(">h")
+        results[name] = (code, reader.string())
+    return results
+
+
+def create_topics(
+    port: int, topics: Iterable[tuple[str, int]], timeout: float = 30
+) -> dict[str, bool]:
+    """Create ``(name, partitions)`` topics (replication factor 1) on the broker at
+    ``127.0.0.1:port``; name -> True if created, False if it existed already. Retries what
+    a broker still starting answers, up to ``timeout``; any other error raises
+    :class:`KafkaStartError` naming the topic."""
+    wanted = dict(topics)
+    for name, partitions in wanted.items():
+        if partitions < 1:
+            raise ValueError(f"topic {name!r}: partitions must be at least 1, not {partitions}")
+    done: dict[str, bool] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = [(name, n) for name, n in wanted.items() if name not in done]
+        if not pending:
+            return {name: done[name] for name in wanted}
+        try:
+            # The broker waits up to the request's timeout for the topic to be created.
+            wait = min(10.0, max(1.0, deadline - time.monotonic()))
+            results = _create_topics_once(port, pending, wait)
+            last = ", ".join(
+                f"{n}: error {c} {_RETRIABLE.get(c, '')} {m or ''}".strip()
+                for n, (c, m) in results.items()
+                if c
+            )
+        except (OSError, struct.error) as exc:
+            results, last = {}, f"{type(exc).__name__}: {exc}"
+        for name, (code, message) in results.items():
+            if code in (0, _TOPIC_ALREADY_EXISTS):
+                done[name] = code == 0
+            elif code not in _RETRIABLE:
+                raise KafkaStartError(
+                    f"creating topic {name!r} failed: error {code} {message or ''}".rstrip()
+                )
+        if time.monotonic() >= deadline and len(done) < len(wanted):
+            raise KafkaStartError(f"creating topics timed out after {timeout:g}s ({last})")
+        if len(done) < len(wanted):
+            time.sleep(0.2)
+
+
+def _topic_spec(value: str) -> tuple[str, int]:
+    """``NAME[:PARTITIONS]`` (topic names cannot hold a colon); one partition by default."""
+    name, sep, count = value.rpartition(":")
+    if not sep:
+        name, count = value, "1"
+    try:
+        partitions = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME[:PARTITIONS]") from None
+    if not name or partitions < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME[:PARTITIONS], PARTITIONS >= 1")
+    return name, partitions
+
+
+def _override(value: str) -> tuple[str, str]:
+    key, sep, setting = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: expected KEY=VALUE")
+    return key.strip(), setting.strip()
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -640,10 +809,17 @@ def _cmd_start(args: argparse.Namespace) -> int:
         log_path=args.log,
         cache_dir=args.cache_dir,
         class_data_sharing=not args.no_cds,
+        properties=dict(args.override),
     )
     try:
         t0 = time.monotonic()
         broker.start(timeout=args.timeout)
+        # Before the address is printed: whoever waits for it finds the topics there.
+        created = broker.create_topics(args.create_topic, timeout=args.timeout)
+        for name, partitions in args.create_topic:
+            plural = "s" if partitions > 1 else ""
+            how = f"created, {partitions} partition{plural}" if created[name] else "exists already"
+            print(f"topic {name}: {how}", file=sys.stderr, flush=True)
         print(f"{BOOTSTRAP_ENV}={broker.bootstrap_servers}", flush=True)
         print(
             f"Kafka {args.version} ready in {time.monotonic() - t0:.1f}s; data {broker.data_dir},"
@@ -692,6 +868,23 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--timeout", type=float, default=90, help="seconds to wait for start-up")
     start.add_argument(
         "--no-cds", action="store_true", help="do not use/create a JVM class-data-sharing archive"
+    )
+    start.add_argument(
+        "--create-topic",
+        type=_topic_spec,
+        action="append",
+        default=[],
+        metavar="NAME[:PARTITIONS]",
+        help="create this topic once the broker is up (repeatable; 1 partition by default;"
+        " one that exists is left as it is)",
+    )
+    start.add_argument(
+        "--override",
+        type=_override,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a broker property, e.g. auto.create.topics.enable=false (repeatable)",
     )
     start.set_defaults(func=_cmd_start)
 

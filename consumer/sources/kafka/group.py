@@ -22,6 +22,13 @@ If the store cannot commit, the batch is retried with backoff and its offsets ar
 committed: the partition waits for the store rather than skipping data. Poison records
 (not JSON, not an event, an unusable task) never wait: they go to ``<topic>.dlq`` with the
 reason in headers.
+
+Topics that do not exist yet (brokers with ``auto.create.topics.enable=false``, the norm
+in production) are named in one warning at start; the member still joins its group, with
+no partitions, and is ready. The consumer refreshes its metadata every
+``metadata_max_age_s`` (aiokafka's default is 5 minutes), so a topic created later is
+consumed within seconds: the group leader sees it, the group rebalances and the new
+partitions are assigned. An INFO line says when it appears.
 """
 
 from __future__ import annotations
@@ -59,6 +66,9 @@ log = logging.getLogger(__name__)
 # Waits for the store, the brokers or the DLQ: short at first (a blip), capped low so that
 # a partition resumes within seconds of the fault clearing.
 STORE_BACKOFF = Backoff(0.1, 5.0)
+# How often the consumer's own (cached) metadata is looked at for a topic that was missing
+# at start: no request to the brokers, only to log when it appears.
+TOPIC_CHECK_S = 0.5
 
 
 @dataclass(slots=True)
@@ -140,6 +150,8 @@ class KafkaSource:
         self.stats = KafkaStats()
         self.failure: str | None = None  # why consumption stopped, if it did by itself
         self._out_since: float | None = time.monotonic()  # not in the group since
+        self._missing: list[str] = []  # configured topics the brokers did not have yet
+        self._watcher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         options = client_options(self._connection)
@@ -150,6 +162,7 @@ class KafkaSource:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self._options.max_batch,
+            metadata_max_age_ms=max(1, round(self._options.metadata_max_age_s * 1000)),
         )
         try:
             await self._dlq.start()
@@ -160,9 +173,43 @@ class KafkaSource:
             raise BrokersUnreachable(
                 f"cannot reach the brokers at {self._connection.bootstrap_servers}: {exc}"
             ) from exc
+        await self._note_missing_topics(self._consumer)
         self._consumer.subscribe(self._topics, listener=_Listener(self))
         self._task = asyncio.create_task(self._run(), name="kafka-source")
         self._task.add_done_callback(self._run_ended)
+
+    async def _note_missing_topics(self, consumer: AIOKafkaConsumer) -> None:
+        """Warn about the configured topics the brokers do not have, and watch for them."""
+        try:
+            existing = await consumer.topics()
+        except KafkaError as exc:  # only the warning is lost: consumption works the same
+            log.warning("could not list the topics to check the configured ones (%s)", exc)
+            return
+        self._missing = [topic for topic in self._topics if topic not in existing]
+        if not self._missing:
+            return
+        log.warning(
+            "waiting for topic%s %s to be created: not on the brokers yet; consumed within "
+            "about %g s of its creation (PHASEWATCH_KAFKA_METADATA_MAX_AGE_S)",
+            "s" if len(self._missing) > 1 else "",
+            ", ".join(self._missing),
+            self._options.metadata_max_age_s,
+        )
+        self._watcher = asyncio.create_task(self._watch_topics(consumer), name="kafka-topics")
+
+    async def _watch_topics(self, consumer: AIOKafkaConsumer) -> None:
+        while self._missing:
+            await asyncio.sleep(TOPIC_CHECK_S)
+            for topic in list(self._missing):
+                partitions = consumer.partitions_for_topic(topic)
+                if partitions:
+                    self._missing.remove(topic)
+                    log.info(
+                        "topic %s was created (%d partitions): consuming it",
+                        topic,
+                        len(partitions),
+                        extra={"topic": topic},
+                    )
 
     def _run_ended(self, task: asyncio.Task[None]) -> None:
         # The loop only ends on stop(); anything else is a fault (a bug, or an error
@@ -183,6 +230,11 @@ class KafkaSource:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
             self._task = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
         await self.drain()
         if self._consumer is not None:
             await self._consumer.stop()  # leaves the group: partitions move at once
@@ -200,6 +252,9 @@ class KafkaSource:
         out_s = None if self._out_since is None else time.monotonic() - self._out_since
         return {
             "topics": self._topics,
+            # Configured but not created yet: not a readiness failure (the member is in
+            # its group, with no partitions of them).
+            "missingTopics": list(self._missing),
             "group": self._options.group_id,
             "assigned": sorted(partition_name(tp) for tp in assigned),
             "joined": out_s is None,

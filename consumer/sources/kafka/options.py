@@ -56,6 +56,10 @@ class SourceOptions:
     # How long the member may be out of its group (starting, or between a revocation and
     # the next assignment) before /readyz says so.
     join_grace_s: float = 30.0
+    # aiokafka's metadata_max_age_ms, in seconds: how often the consumer refreshes what it
+    # knows of its topics, so the longest a topic created after start (or a partition
+    # added) goes unconsumed. Each refresh is one small request naming these topics.
+    metadata_max_age_s: float = 5.0
 
 
 def client_options(connection: KafkaConnection) -> dict[str, Any]:
