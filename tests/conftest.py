@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+from consumer.core.receipt import Receipt
 from consumer.store.base import RawIngestResult, Store
 from consumer.store.memory import MemoryStore
 from consumer.store.postgres.store import PostgresStore
@@ -41,6 +42,7 @@ class PlannedProcessStore(SQLiteProcessStore):
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         return await super().ingest_raw(
             raws,
@@ -48,6 +50,7 @@ class PlannedProcessStore(SQLiteProcessStore):
             received_at,
             record_changes=record_changes,
             keys=[b"k"] * len(raws) if keys is None else keys,
+            receipts=receipts,
         )
 
 

@@ -67,6 +67,8 @@ class ChangeRecord:
     recorded_at: int  # Unix ms when phasewatch committed it
     task: dict[str, Any]  # the materialized task right after the change (not redacted)
     kind: str = "phase"  # "phase": the phase moved; "update": anything else changed
+    # The W3C trace context of the request that delivered the event that made the change.
+    traceparent: str | None = None
 
     @property
     def task_type(self) -> str | None:
@@ -85,6 +87,10 @@ class PhaseChange:
     ``changed_at`` is the snapshot's ``status.updatedAt`` (Unix ms); ``seq`` orders changes
     store-wide. ``attempt`` counts deliveries of this change to this handler (1 first).
     ``replay`` is True when the change is re-run by ``phasewatch replay handlers``.
+    ``traceparent`` is the W3C trace context (``00-<trace id>-<parent id>-<flags>``) of
+    the request that delivered the event that made the change, when it carried a valid
+    one; None otherwise (Kafka, imports, an untraced sender). It is not part of the
+    idempotency key.
 
     ``idempotency_key`` (``pw1_`` and 32 hex digits, see :func:`idempotency_key`) names
     this change for this handler, for a receiver to deduplicate on. It is derived from
@@ -111,6 +117,7 @@ class PhaseChange:
     kind: ChangeKind = "phase"
     attempt: int = 1
     replay: bool = False
+    traceparent: str | None = None
     idempotency_key: str = field(kw_only=True)
 
     @classmethod
@@ -143,6 +150,7 @@ class PhaseChange:
             kind=kind,
             attempt=attempt,
             replay=replay_run is not None,
+            traceparent=record.traceparent,
             idempotency_key=idempotency_key(
                 handler=handler,
                 task_id=record.task_id,

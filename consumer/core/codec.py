@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 
 from consumer.core.model import is_number
+from consumer.core.receipt import Receipt
 
 __all__ = [
     "HTTP_STATUS",
@@ -99,7 +100,9 @@ class Event:
     long to build, and every consumed message builds one).
 
     ``snapshot`` is the Task object exactly as received (a JSON object), ``raw`` the bytes
-    as received, kept for the history and for replays.
+    as received, kept for the history and for replays. ``receipt``: how it reached us
+    (which webhook secret verified it, the request's trace context), set after decoding
+    by whoever received it; not part of the bytes, never read by the fold or dedup.
     """
 
     id: str
@@ -109,6 +112,7 @@ class Event:
     raw: bytes
     task_id: str | None = None
     snapshot: dict[str, Any] | None = None
+    receipt: Receipt | None = None
 
     @property
     def is_task_event(self) -> bool:

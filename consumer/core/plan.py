@@ -58,6 +58,7 @@ class NewChange:
     changed_at: int | float  # status.updatedAt of the snapshot that moved the phase
     task: dict[str, Any]  # the materialized task right after the change
     kind: str = "phase"  # "phase", or "update" (recorded only when asked for)
+    traceparent: str | None = None  # the causing event's receipt's, kept with the change
 
     def recorded(self, seq: int, recorded_at: int) -> ChangeRecord:
         """This change as the outbox holds it once given ``seq``."""
@@ -71,6 +72,7 @@ class NewChange:
             recorded_at,
             self.task,
             self.kind,
+            self.traceparent,
         )
 
 
@@ -161,8 +163,16 @@ def _change(event: Event, previous: str | None, state: TaskState, kind: str) -> 
     # A copy: later events of the batch go on folding into the working state. Values are
     # replaced, never mutated, so a shallow one is enough.
     task = dict(state.task)
+    receipt = event.receipt
     return NewChange(
-        str(event.task_id), event.id, previous, state.phase, state.updated_at, task, kind
+        str(event.task_id),
+        event.id,
+        previous,
+        state.phase,
+        state.updated_at,
+        task,
+        kind,
+        None if receipt is None else receipt.traceparent,
     )
 
 

@@ -10,6 +10,10 @@ by themselves; when idle, a lone event commits immediately (no timer, no added l
 
 If a batch fails as a whole, its events are retried one by one so that one event the
 store cannot take does not fail its neighbours.
+
+Each submission may carry a :class:`~consumer.core.receipt.Receipt` (which webhook
+secret verified it, the request's trace context); it goes to the store with its message,
+by position, on the batch path and the one-by-one retry alike.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 from consumer.core.change import ChangeRecord
 from consumer.core.plan import Outcome
+from consumer.core.receipt import Receipt
 from consumer.core.secrets import describe_error
 from consumer.core.times import now_ms
 from consumer.store.base import RawIngestResult, Rejected, Store
@@ -48,6 +53,7 @@ class IngestStats:
 class _Pending:
     raw: bytes
     future: asyncio.Future[Outcome | Rejected]
+    receipt: Receipt | None = None
 
 
 ChangeSink = Callable[[Sequence[ChangeRecord]], None]
@@ -85,14 +91,15 @@ class Ingestor:
             await self._task
         self._task = None
 
-    async def submit(self, raw: bytes) -> Outcome | Rejected:
+    async def submit(self, raw: bytes, receipt: Receipt | None = None) -> Outcome | Rejected:
         """Resolve once the message is committed (or known to be a duplicate), or with
         what is wrong with it. Decoding is the store's work (see
-        :meth:`Store.ingest_raw`), off this process with the default store."""
+        :meth:`Store.ingest_raw`), off this process with the default store. ``receipt``
+        is kept with the message in the history (a duplicate keeps the first's)."""
         if self._task is None:
             raise RuntimeError("Ingestor is not started")
         future: asyncio.Future[Outcome | Rejected] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(raw, future))
+        self._queue.put_nowait(_Pending(raw, future, receipt))
         return await future
 
     async def _run(self) -> None:
@@ -117,8 +124,15 @@ class Ingestor:
                 self._queue.task_done()
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        receipts = [p.receipt for p in batch]
         try:
-            result = await self._store.ingest_raw([p.raw for p in batch], self._source, now_ms())
+            result = await self._store.ingest_raw(
+                [p.raw for p in batch],
+                self._source,
+                now_ms(),
+                # None when no message has one: what a store without receipts is given.
+                receipts=receipts if any(r is not None for r in receipts) else None,
+            )
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("store could not commit a message of %d bytes", len(batch[0].raw))

@@ -4,11 +4,14 @@ processes) crosses these Protocols.
 
 A store keeps four things:
 
-* the **history**: every accepted event (raw bytes, source, receipt time), append-only,
-  deduplicated by ``(task id, event id)`` (see :data:`~consumer.core.plan.DedupKey`);
+* the **history**: every accepted event (raw bytes, source, receipt time, and its
+  :class:`~consumer.core.receipt.Receipt`: which webhook secret verified it, the
+  request's trace context), append-only, deduplicated by ``(task id, event id)`` (see
+  :data:`~consumer.core.plan.DedupKey`);
 * the **view**: the latest materialized task per id (with the per-field fold keys);
-* the **outbox**: the phase changes recorded, each with a store-wide ``seq``; and for
-  each handler a cursor and delivery records;
+* the **outbox**: the phase changes recorded, each with a store-wide ``seq`` (and the
+  ``traceparent`` of the event that made it); and for each handler a cursor and
+  delivery records;
 * **leases** and small **meta** notes (checkpoints).
 
 Deciding what a batch does is :func:`~consumer.core.plan.plan_batch`, pure and shared,
@@ -82,6 +85,7 @@ from consumer.core.change import ChangeRecord
 from consumer.core.codec import DecodeError, Event, EventFormat, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import Outcome
+from consumer.core.receipt import Receipt
 
 __all__ = [
     "ChangeRecord",
@@ -98,6 +102,7 @@ __all__ = [
     "Outcome",
     "RawIngestResult",
     "RebuildStore",
+    "Receipt",
     "Rejected",
     "Store",
     "StoreOpenError",
@@ -108,6 +113,7 @@ __all__ = [
     "ViewStore",
     "decode_all",
     "ingest_decoded",
+    "receipts_of",
     "with_rejections",
 ]
 
@@ -163,7 +169,8 @@ class StoredTask:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """One accepted event as kept in the history."""
+    """One accepted event as kept in the history. ``receipt``: what its receiver knew
+    of how it arrived (None: nothing, e.g. an unsigned, untraced or Kafka message)."""
 
     seq: int
     event_id: str
@@ -174,6 +181,7 @@ class HistoryEntry:
     created_at: int | float
     task_id: str | None
     raw: bytes
+    receipt: Receipt | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,17 +267,32 @@ class RawIngestResult:
         return [(i, o) for i, o in enumerate(self.outcomes) if isinstance(o, Rejected)]
 
 
-def decode_all(raws: Sequence[bytes]) -> tuple[list[Event], dict[int, Rejected]]:
-    """Decode a batch of raw messages: the events, and what is wrong with the others
-    (by position)."""
+def decode_all(
+    raws: Sequence[bytes], receipts: Sequence[Receipt | None] | None = None
+) -> tuple[list[Event], dict[int, Rejected]]:
+    """Decode a batch of raw messages: the events (each given its receipt, by position),
+    and what is wrong with the others (by position)."""
+    if receipts is not None and len(receipts) != len(raws):
+        raise ValueError(f"{len(receipts)} receipts for {len(raws)} messages")
     events: list[Event] = []
     rejected: dict[int, Rejected] = {}
     for i, raw in enumerate(raws):
         try:
-            events.append(decode(raw))
+            event = decode(raw)
         except DecodeError as exc:
             rejected[i] = Rejected(exc.reason, str(exc))
+            continue
+        if receipts is not None:
+            event.receipt = receipts[i]
+        events.append(event)
     return events, rejected
+
+
+def receipts_of(events: Sequence[Event]) -> list[Receipt | None] | None:
+    """The events' receipts, by position, or None when none has one (the usual case off
+    the webhook path, which then costs nothing to carry)."""
+    receipts = [e.receipt for e in events]
+    return receipts if any(r is not None for r in receipts) else None
 
 
 async def ingest_decoded(
@@ -279,10 +302,11 @@ async def ingest_decoded(
     received_at: int,
     *,
     record_changes: bool = True,
+    receipts: Sequence[Receipt | None] | None = None,
 ) -> RawIngestResult:
     """:meth:`IngestStore.ingest_raw` for a backend that decodes where it runs: decode here,
     ingest the events, put the rejections back in place."""
-    events, rejected = decode_all(raws)
+    events, rejected = decode_all(raws, receipts)
     result = await store.ingest(events, source, received_at, record_changes=record_changes)
     return with_rejections(result, rejected, len(raws))
 
@@ -320,7 +344,9 @@ class IngestStore(Protocol):
     ) -> IngestResult:
         """Store, fold and record the phase changes of a batch, in one transaction.
         All or nothing. ``record_changes=False`` (imports, replays of old history) folds
-        without putting changes in the outbox, so handlers do not hear about the past."""
+        without putting changes in the outbox, so handlers do not hear about the past.
+        Each event's :attr:`~consumer.core.codec.Event.receipt` is kept with it in the
+        history, and a change keeps the ``traceparent`` of the event that made it."""
         ...
 
     async def ingest_raw(
@@ -331,6 +357,7 @@ class IngestStore(Protocol):
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """:meth:`ingest` from raw messages: decoding is part of the backend's work (a
         backend may do it off the caller's process). A message that does not decode is
@@ -338,7 +365,9 @@ class IngestStore(Protocol):
 
         ``keys``: each message's partition key where the caller has one (a Kafka record
         key: the task id). A backend may spread its work by them; they never change the
-        result."""
+        result. ``receipts``: each message's :class:`~consumer.core.receipt.Receipt` (or
+        None), by position, kept as :attr:`~consumer.core.codec.Event.receipt` would be;
+        they never change outcomes, the view or which changes are recorded."""
         ...
 
 

@@ -14,6 +14,7 @@ from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, dedup_key, plan_batch
+from consumer.core.receipt import Receipt
 from consumer.store.base import (
     Cursor,
     Delivery,
@@ -87,6 +88,7 @@ class MemoryStore:
                 event.created_at,
                 event.task_id,
                 event.raw,
+                _kept(event.receipt),
             )
             self._events[dedup_key(event)] = entry
             if event.task_id is not None:
@@ -112,9 +114,12 @@ class MemoryStore:
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,  # one writer, on this loop: unused
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         del keys
-        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
+        return await ingest_decoded(
+            self, raws, source, received_at, record_changes=record_changes, receipts=receipts
+        )
 
     async def get_task(self, task_id: str) -> StoredTask | None:
         state = self._states.get(task_id)
@@ -303,6 +308,11 @@ class MemoryStore:
         return StoreStats(
             len(self._events), len(self._states), len(self._changes), self._last_change, self._seq
         )
+
+
+def _kept(receipt: Receipt | None) -> Receipt | None:
+    """The receipt as a durable backend reads it back (an empty one is not kept)."""
+    return None if receipt is None else Receipt.decode(receipt.encode())
 
 
 def _needed_floor(cursors: Mapping[str, int], needed_by: Sequence[str] | None, last: int) -> int:

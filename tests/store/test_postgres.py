@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import random
 import socket
+from typing import Any
 
 import asyncpg
 import orjson
@@ -18,7 +19,8 @@ import pytest
 
 from consumer.core.codec import decode
 from consumer.core.plan import Outcome
-from consumer.store.base import StoreOpenError
+from consumer.core.receipt import Receipt
+from consumer.store.base import Delivery, DeliveryStatus, StoreOpenError, TaskQuery
 from consumer.store.migrations import Migration
 from consumer.store.postgres.migrations import MIGRATIONS
 from consumer.store.postgres.store import PostgresStore
@@ -227,8 +229,160 @@ async def test_migrates_from_the_previous_schema_keeping_the_data(pg_url: str) -
     finally:
         await new.close()
     # The older code now refuses the newer database, in one line.
-    with pytest.raises(StoreOpenError, match=r"schema 2, newer than this version's 1"):
+    with pytest.raises(
+        StoreOpenError,
+        match=rf"schema {len(MIGRATIONS) + 1}, newer than this version's {len(MIGRATIONS)}",
+    ):
         await _opened(pg_url)
+
+
+# Step 1's tables and their columns: what a database at schema 1 holds.
+_STEP_1_COLUMNS = {
+    "counters": ["one", "events", "changes"],
+    "task_ids": ["id"],
+    "events": [
+        "seq",
+        "event_id",
+        "task_id",
+        "kind",
+        "format",
+        "source",
+        "received_at",
+        "created_at",
+        "updated_at",
+        "raw",
+    ],
+    "tasks": ["id", "type", "phase", "updated_at", "version", "doc", "keys"],
+    "changes": [
+        "seq",
+        "task_id",
+        "event_id",
+        "previous_phase",
+        "phase",
+        "changed_at",
+        "recorded_at",
+        "task",
+        "kind",
+    ],
+    "deliveries": [
+        "handler",
+        "seq",
+        "replay",
+        "status",
+        "attempts",
+        "first_attempt_at",
+        "last_attempt_at",
+        "error",
+    ],
+    "meta": ["key", "value"],
+    "cursors": ["handler", "seq"],
+    "leases": ["name", "owner", "expires_at"],
+}
+
+
+async def _fill(store: PostgresStore) -> None:
+    """Rows of every kind: the fixture stream in batches, a non-task event, delivery
+    records, a cursor, a meta note and a lease."""
+    bodies = [d.body for d in deliveries("small")]
+    seqs: list[int] = []
+    for i in range(0, len(bodies), 40):
+        result = await store.ingest([decode(b) for b in bodies[i : i + 40]], "webhook", 1000 + i)
+        seqs += [c.seq for c in result.changes]
+    asset = webhook_body("ev-asset", snapshot("A1", "ready", 1), event="asset.ready")
+    await store.ingest([decode(asset)], "webhook", 2000)
+    await store.record_deliveries(
+        [Delivery("notify", s, DeliveryStatus.DONE, 1, 10 + s, 11 + s) for s in seqs[:10]]
+        + [Delivery("notify", seqs[10], DeliveryStatus.DEAD, 8, 40, 99, "HTTP 500")]
+    )
+    await store.set_cursor("notify", seqs[9])
+    await store.set_meta("rebuild", '{"upto": 40}')
+    await store.acquire_lease("dispatch", "host-1", 10**12, 0)
+
+
+async def _read_everything(store: PostgresStore) -> dict[str, Any]:
+    ids: list[str] = []
+    while page := await store.task_ids_after(ids[-1] if ids else None, 25):
+        ids += page
+    changes = await store.changes_after(0, 100_000)
+    return {
+        "stats": await store.stats(),
+        "ids": ids,
+        "tasks": {i: await store.get_task(i) for i in ids},
+        "history": {i: await store.task_history(i) for i in ids},
+        "history_after": await store.history_after(0, 100_000),
+        "history_of_tasks": await store.history_of_tasks(ids, 10**9),
+        "changes": changes,
+        "task_changes": {i: await store.task_changes(i) for i in ids},
+        "deliveries": await store.deliveries_for("notify", [c.seq for c in changes]),
+        "cursor": await store.get_cursor("notify"),
+        "meta": await store.get_meta("rebuild"),
+        "leases": await store.lease_holders("", 0),
+        "list": await store.list_tasks(TaskQuery(limit=1000)),
+    }
+
+
+async def test_migrates_a_schema_1_database_to_receipts_keeping_the_data(
+    pg_server: PostgresServer,
+) -> None:
+    """A database at schema 1 full of rows (copied from one this version wrote) gets step
+    2: the same rows read back, with no receipts, and new ones keep theirs."""
+    reference_url, old_url = await pg_server.create_database(), await pg_server.create_database()
+    reference = await _opened(reference_url)
+    await _fill(reference)
+    await reference.close()
+    at_step_1 = await _opened(old_url, migrations=MIGRATIONS[:1])
+    await at_step_1.close()
+    src, dst = await asyncpg.connect(reference_url), await asyncpg.connect(old_url)
+    try:
+        await dst.execute("DELETE FROM counters")
+        for table, columns in _STEP_1_COLUMNS.items():
+            rows = await src.fetch(f"SELECT {', '.join(columns)} FROM {table}")
+            await dst.copy_records_to_table(table, records=rows, columns=columns)
+        old_columns = await dst.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE column_name IN ('receipt', 'traceparent')"
+        )
+        assert old_columns == []
+    finally:
+        await src.close()
+        await dst.close()
+
+    store = await _opened(old_url)
+    reference = await _opened(reference_url)
+    try:
+        assert store.migrations_applied == MIGRATIONS[1:]
+        before = await _read_everything(store)
+        assert before == await _read_everything(reference)
+        assert before["stats"].events == 275 and len(before["ids"]) == 40
+        assert any(h.task_id is None for h in before["history_after"])
+        assert all(h.receipt is None for h in before["history_after"])
+        assert all(c.traceparent is None for c in before["changes"])
+
+        trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        known = before["ids"][0]
+        raws = [
+            before["history"][known][0].raw,  # a duplicate
+            ev("late-1", known, "failed", 2**52),
+            ev("new-1", "brand-new", "pending", 5),
+        ]
+        receipts = [Receipt("x"), Receipt("prod", trace), Receipt("1")]
+        results = [
+            await s.ingest_raw(raws, "webhook", 9999, receipts=receipts) for s in (store, reference)
+        ]
+        assert results[0] == results[1]
+        assert results[0].outcomes == [Outcome.DUPLICATE, Outcome.ACCEPTED, Outcome.ACCEPTED]
+        assert [c.seq for c in results[0].changes] == [
+            before["stats"].last_change_seq + 1,
+            before["stats"].last_change_seq + 2,
+        ]
+        assert [c.traceparent for c in results[0].changes] == [trace, None]
+        after = await _read_everything(store)
+        assert after == await _read_everything(reference)
+        assert [h.receipt for h in after["history_after"][-2:]] == receipts[1:]
+        assert after["history"][known][0].receipt is None
+    finally:
+        await store.close()
+        await reference.close()
 
 
 async def test_migrate_off_refuses_a_database_that_needs_steps(pg_url: str) -> None:

@@ -16,6 +16,7 @@ import pytest
 
 from consumer.core.codec import decode
 from consumer.core.plan import Outcome
+from consumer.core.receipt import Receipt
 from consumer.store.base import Delivery, DeliveryStatus, StoreOpenError, TaskQuery
 from consumer.store.migrations import check_steps
 from consumer.store.sqlite.migrations import MIGRATIONS, statements
@@ -24,7 +25,7 @@ from consumer.store.sqlite.schema import SCHEMA, SCHEMA_VERSION
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, snapshot, webhook_body
 
-STEP_1, STEP_2 = MIGRATIONS
+STEP_1, STEP_2, STEP_3 = MIGRATIONS
 
 # Version 1's tables and the columns they had: what a version-1 database holds.
 _V1_COLUMNS = {
@@ -164,7 +165,7 @@ def down_to_version_1(source: Path, target: Path, version: int) -> None:
 
 def test_the_steps_are_numbered_and_the_version_is_the_last() -> None:
     check_steps(MIGRATIONS)
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 2
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 3
     assert all(statements(m.sql) for m in MIGRATIONS)
     assert statements("CREATE TABLE a (b TEXT DEFAULT ';');\n\nINSERT INTO a VALUES (';');") == [
         "CREATE TABLE a (b TEXT DEFAULT ';');",
@@ -222,7 +223,7 @@ async def test_a_version_1_database_reads_back_the_same_and_keeps_ingesting(
     reference = SQLiteStore(tmp_path / "reference.db", record_updates=True)
     await reference.open()
     try:
-        assert store.migrations_applied == [STEP_2]
+        assert store.migrations_applied == [STEP_2, STEP_3]
         before = await read_everything(store)
         assert before == await read_everything(reference)
         # Not vacuous: the fixture's tasks, their history, changes and deliveries are there.
@@ -265,6 +266,93 @@ async def test_a_version_1_database_reads_back_the_same_and_keeps_ingesting(
         assert a.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
 
 
+# Version 2's tables and their columns: what a version-2 database holds.
+_V2_COLUMNS = {
+    "events": "seq, event_id, task_no, task_id, kind, format, source, received_at,"
+    " created_at, updated_at, raw",
+    "task_numbers": "no, id",
+    "tasks": "no, id, type, phase, updated_at, version, doc, keys",
+    "changes": "seq, task_no, task_id, event_id, previous_phase, phase, changed_at,"
+    " recorded_at, task, kind",
+    "deliveries": "handler, seq, replay, status, attempts, first_attempt_at, last_attempt_at,"
+    " error",
+    "tasks_rebuild": "no, id, type, phase, updated_at, doc, keys",
+    "meta": "key, value",
+    "cursors": "handler, seq",
+    "leases": "name, owner, expires_at",
+}
+
+
+def down_to_version_2(source: Path, target: Path) -> None:
+    """``target``: a version-2 database (made with steps 1 and 2) holding the rows of
+    ``source`` as version 2 kept them: no receipts, no traceparents."""
+    con = sqlite3.connect(target, isolation_level=None)
+    try:
+        con.execute("PRAGMA journal_mode = WAL")
+        con.executescript(STEP_1.sql)
+        con.executescript(STEP_2.sql)
+        con.execute("PRAGMA user_version = 2")
+        con.execute("ATTACH DATABASE ? AS src", (str(source),))
+        con.execute("BEGIN")
+        for table, columns in _V2_COLUMNS.items():
+            con.execute(f"INSERT INTO main.{table} ({columns}) SELECT {columns} FROM src.{table}")
+        con.execute("DELETE FROM main.sqlite_sequence")
+        con.execute("INSERT INTO main.sqlite_sequence SELECT * FROM src.sqlite_sequence")
+        con.execute("COMMIT")
+        con.execute("DETACH DATABASE src")
+    finally:
+        con.close()
+
+
+async def test_a_version_2_database_gets_receipts_and_keeps_its_data(tmp_path: Path) -> None:
+    reference = SQLiteStore(tmp_path / "reference.db", record_updates=True)
+    await reference.open()
+    await fill(reference)
+    await reference.close()
+    old = tmp_path / "v2.db"
+    down_to_version_2(tmp_path / "reference.db", old)
+    assert "receipt" not in str(schema_of(old)) and "traceparent" not in str(schema_of(old))
+
+    store = SQLiteStore(old, record_updates=True)
+    await store.open()
+    reference = SQLiteStore(tmp_path / "reference.db", record_updates=True)
+    await reference.open()
+    try:
+        assert store.migrations_applied == [STEP_3]
+        before = await read_everything(store)
+        assert before == await read_everything(reference)
+        assert before["stats"].events == 275 and len(before["ids"]) == 40
+        assert all(h.receipt is None for h in before["history_after"])
+        assert all(c.traceparent is None for c in before["changes"])
+
+        # New events keep their receipts, next to the old rows.
+        trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        known = before["ids"][0]
+        raws = [
+            before["history"][known][0].raw,  # a duplicate
+            ev("late-1", known, "failed", 2**52),
+            ev("new-1", "brand-new", "pending", 5),
+        ]
+        receipts = [Receipt("x"), Receipt("prod", trace), Receipt("1")]
+        results = [
+            await s.ingest_raw(raws, "webhook", 9999, receipts=receipts) for s in (store, reference)
+        ]
+        assert results[0] == results[1]
+        assert results[0].outcomes == [Outcome.DUPLICATE, Outcome.ACCEPTED, Outcome.ACCEPTED]
+        assert [c.traceparent for c in results[0].changes] == [trace, None]
+        after = await read_everything(store)
+        assert after == await read_everything(reference)
+        assert [h.receipt for h in after["history_after"][-2:]] == receipts[1:]
+        assert after["history"][known][0].receipt is None  # the old row, as it was
+    finally:
+        await store.close()
+        await reference.close()
+    assert user_version(old) == SCHEMA_VERSION
+    assert schema_of(old) == schema_of(tmp_path / "reference.db")
+    with sqlite3.connect(old) as con:
+        assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
 async def test_an_unversioned_database_is_version_1(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -281,21 +369,22 @@ async def test_an_unversioned_database_is_version_1(
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert store.migrations_applied == [STEP_2]
+        assert store.migrations_applied == [STEP_2, STEP_3]
         assert [(h.seq, h.event_id) for h in await store.task_history("T")] == [(1, "e1")]
         assert await store.task_ids_after(None) == ["T"]
     finally:
         await store.close()
     logged = [r.getMessage() for r in caplog.records if "schema migration" in r.getMessage()]
-    assert len(logged) == 1 and "schema migration 2" in logged[0] and str(path) in logged[0]
-    assert user_version(path) == 2
+    assert len(logged) == 2 and "schema migration 2" in logged[0] and str(path) in logged[0]
+    assert "schema migration 3" in logged[1]
+    assert user_version(path) == 3
 
 
 async def test_a_database_newer_than_the_code_is_refused_as_it_is(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     run_step_1(path, 0)
     with sqlite3.connect(path) as con:
-        con.execute("PRAGMA user_version = 3")
+        con.execute("PRAGMA user_version = 4")
     content = path.read_bytes()
     store = SQLiteStore(path)
     with pytest.raises(StoreOpenError) as raised:
@@ -303,7 +392,7 @@ async def test_a_database_newer_than_the_code_is_refused_as_it_is(tmp_path: Path
     await store.close()
     message = str(raised.value)
     assert "\n" not in message and str(path) in message
-    assert "schema 3, newer than this version's 2" in message
+    assert "schema 4, newer than this version's 3" in message
     assert store.migrations_applied == []
     assert path.read_bytes() == content
 
@@ -320,7 +409,7 @@ async def test_migrate_false_refuses_pending_steps_and_opens_an_up_to_date_file(
         await store.close()
         message = str(raised.value)
         assert "\n" not in message and str(old) in message
-        assert "schema 1, this version needs 2" in message and "phasewatch migrate" in message
+        assert "schema 1, this version needs 3" in message and "phasewatch migrate" in message
         assert user_version(old) == 0 and old.read_bytes() == content
 
     missing = tmp_path / "sub" / "missing.db"
@@ -393,7 +482,7 @@ def _empty_database(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "steps"), [(_version_1_file, [2]), (_empty_database, [1, 2])], ids=["v1", "v0"]
+    ("make", "steps"), [(_version_1_file, [2, 3]), (_empty_database, [1, 2, 3])], ids=["v1", "v0"]
 )
 def test_two_stores_opening_one_file_at_once_apply_each_step_once(
     tmp_path: Path, make: Any, steps: list[int]
@@ -436,5 +525,6 @@ def test_two_processes_opening_a_version_1_file_at_once_migrate_it_once(tmp_path
     for p in procs:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
-    assert sorted(results) == [[], [2]]
+    # Each step once, by either opener (one may take step 3 while the other took step 2).
+    assert sorted(v for applied_here in results for v in applied_here) == [2, 3]
     assert user_version(path) == SCHEMA_VERSION

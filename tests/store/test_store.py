@@ -14,13 +14,16 @@ from pathlib import Path
 import orjson
 import pytest
 
+from consumer.core.change import PhaseChange
 from consumer.core.codec import Event, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import Outcome, plan_batch
+from consumer.core.receipt import Receipt
 from consumer.store.base import (
     Cursor,
     Delivery,
     DeliveryStatus,
+    Rejected,
     Store,
     StoredTask,
     StoreOpenError,
@@ -86,6 +89,111 @@ async def test_ingest_raw_decodes_and_reports_what_it_rejects(store: Store) -> N
     ]
     assert [h.event_id for h in await store.task_history("T")] == ["e1", "e3"]
     assert (await store.stats()).events == 2
+
+
+TRACE_A = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_B = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+ASSET = orjson.dumps({"id": "a1", "createdAt": 1, "event": "asset.ready", "payload": {}})
+
+
+async def test_receipts_are_kept_in_the_history_by_position(store: Store) -> None:
+    raws = [
+        ev("e1", "T", "pending", 1),
+        b"not json",  # rejected: the receipts after it keep their places
+        ev("e2", "T", "running", 2),
+        ASSET,
+        ev("e1", "T", "pending", 1),  # a duplicate: the first copy's receipt stays
+        ev("e3", "U", "pending", 1),
+        ev("e4", "U", "running", 2),
+    ]
+    receipts = [
+        Receipt("prod", TRACE_A),
+        Receipt("0"),
+        Receipt("1", TRACE_B),
+        Receipt(traceparent=TRACE_A),
+        Receipt("other"),
+        None,
+        Receipt(),  # empty: kept as none
+    ]
+    result = await store.ingest_raw(raws, "webhook", 7, receipts=receipts)
+    assert result.outcomes[0] == Outcome.ACCEPTED and isinstance(result.outcomes[1], Rejected)
+    assert (
+        result.outcomes[2:] == [Outcome.ACCEPTED] * 2 + [Outcome.DUPLICATE] + [Outcome.ACCEPTED] * 2
+    )
+    expected = {
+        "e1": Receipt("prod", TRACE_A),
+        "e2": Receipt("1", TRACE_B),
+        "a1": Receipt(traceparent=TRACE_A),
+        "e3": None,
+        "e4": None,
+    }
+    assert {h.event_id: h.receipt for h in await store.history_after(0)} == expected
+    assert [(h.event_id, h.receipt) for h in await store.task_history("T")] == [
+        ("e1", expected["e1"]),
+        ("e2", expected["e2"]),
+    ]
+    assert [h.receipt for h in await store.history_after(0, task_id="T")] == [
+        expected["e1"],
+        expected["e2"],
+    ]
+    of_tasks = await store.history_of_tasks(["T", "U"], 10**9)
+    assert {h.event_id: h.receipt for h in of_tasks} == {
+        k: v for k, v in expected.items() if k != "a1"
+    }
+    # A later duplicate with another receipt changes nothing either.
+    again = await store.ingest_raw([ev("e2", "T", "running", 2)], "w", 8, receipts=[Receipt("9")])
+    assert again.outcomes == [Outcome.DUPLICATE]
+    assert [h.receipt for h in await store.task_history("T")] == [expected["e1"], expected["e2"]]
+    # Without receipts, as before: none.
+    await store.ingest_raw([ev("e5", "T", "failed", 3)], "kafka", 9)
+    assert (await store.task_history("T"))[-1].receipt is None
+    with pytest.raises(ValueError, match="receipts for"):
+        await store.ingest_raw([ev("e6", "T", "failed", 4)], "w", 10, receipts=[])
+
+
+async def test_ingest_keeps_each_events_receipt(store: Store) -> None:
+    events = [decode(ev("e1", "T", "pending", 1)), decode(ev("e2", "T", "running", 2))]
+    events[1].receipt = Receipt("rotated", TRACE_B)
+    result = await store.ingest(events, "webhook", 1)
+    assert result.outcomes == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+    assert [h.receipt for h in await store.task_history("T")] == [None, Receipt("rotated", TRACE_B)]
+    assert [c.traceparent for c in result.changes] == [None, TRACE_B]
+
+
+async def test_a_change_carries_the_traceparent_of_the_event_that_made_it(store: Store) -> None:
+    result = await store.ingest_raw(
+        [
+            ev("e1", "T", "pending", 1),
+            ev("e2", "T", "running", 2),
+            ev("e3", "U", "pending", 1),
+            ev("old", "T", "pending", 0),  # older: kept, moves nothing
+            ev("e4", "T", "completed", 3),
+        ],
+        "webhook",
+        5,
+        receipts=[
+            Receipt("0", TRACE_A),
+            Receipt("0"),
+            Receipt(None, TRACE_B),
+            Receipt("0", TRACE_B),
+            None,
+        ],
+    )
+    moved = [(c.task_id, c.phase, c.traceparent) for c in result.changes]
+    assert moved == [
+        ("T", "pending", TRACE_A),
+        ("T", "running", None),
+        ("U", "pending", TRACE_B),
+        ("T", "completed", None),
+    ]
+    as_read = [(c.task_id, c.phase, c.traceparent) for c in await store.changes_after(0)]
+    assert as_read == moved
+    assert [c.traceparent for c in await store.task_changes("U")] == [TRACE_B]
+    seqs = [c.seq for c in result.changes]
+    assert await store.changes_by_seq(seqs) == result.changes
+    handed = PhaseChange.from_record(result.changes[0], handler="h")
+    assert handed.traceparent == TRACE_A
+    assert PhaseChange.from_record(result.changes[1], handler="h").traceparent is None
 
 
 async def test_event_ids_are_deduplicated_within_their_task(store: Store) -> None:
@@ -782,6 +890,32 @@ async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path
         os.kill(now, 0)  # alive
         again = await store.ingest_raw([ev("x0", "U", "pending", 0)], "w", 9)
         assert again.outcomes == [Outcome.ACCEPTED]
+    finally:
+        await store.close()
+
+
+@pytest.mark.slow  # spawns a writer process
+async def test_process_writer_keeps_receipts_in_place_when_a_batch_is_split(
+    tmp_path: Path,
+) -> None:
+    """Keys split a batch between this process (plans) and the writer (folds): each
+    part takes its raws' receipts, in place."""
+    store = SQLiteProcessStore(tmp_path / "split.db", fold_here=0.5)
+    await store.open()
+    try:
+        tasks = [f"T{i}" for i in range(24)]
+        raws = [ev(f"e-{t}", t, "pending", 1) for t in tasks]
+        receipts = [Receipt(str(i), TRACE_A if i % 2 else None) for i in range(len(tasks))]
+        result = await store.ingest_raw(
+            raws, "kafka", 1, keys=[t.encode() for t in tasks], receipts=receipts
+        )
+        assert store.plans_used == 1  # both sides took part
+        assert result.outcomes == [Outcome.ACCEPTED] * len(tasks)
+        by_event = {h.event_id: h.receipt for h in await store.history_after(0)}
+        assert by_event == {f"e-{t}": r for t, r in zip(tasks, receipts, strict=True)}
+        traces = {c.task_id: c.traceparent for c in await store.changes_after(0)}
+        assert traces == {t: r.traceparent for t, r in zip(tasks, receipts, strict=True)}
+        assert {c.task_id: c.traceparent for c in result.changes} == traces
     finally:
         await store.close()
 

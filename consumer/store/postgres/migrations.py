@@ -133,7 +133,18 @@ END
 $$;
 """
 
+# Step 2: receipts. A history row may keep its receipt (which webhook secret verified
+# the delivery, the request's W3C traceparent: consumer.core.receipt, as compact JSON)
+# and an outbox row the traceparent of the event that made the change. Nullable columns
+# without a default: PostgreSQL adds them without rewriting the tables, and the rows
+# already there read NULL (nothing was known then).
+_RECEIPTS = """
+ALTER TABLE events ADD COLUMN receipt text;
+ALTER TABLE changes ADD COLUMN traceparent text;
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "history, view, outbox, deliveries, leases", _INITIAL),
+    Migration(2, "receipts in the history, traceparent in the outbox", _RECEIPTS),
 ]
 check_steps(MIGRATIONS)

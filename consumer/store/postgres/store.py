@@ -50,6 +50,7 @@ from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, decode_keys, encode_keys, plan_batch
+from consumer.core.receipt import Receipt
 from consumer.store.base import (
     Cursor,
     Delivery,
@@ -260,9 +261,12 @@ class PostgresStore:
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,  # one transaction per call: unused
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         del keys
-        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
+        return await ingest_decoded(
+            self, raws, source, received_at, record_changes=record_changes, receipts=receipts
+        )
 
     async def _ingest_in_tx(
         self,
@@ -334,6 +338,7 @@ class PostgresStore:
                 [float(e.created_at) for e in new],
                 [None if e.updated_at is None else float(e.updated_at) for e in new],
                 [e.raw for e in new],
+                [None if e.receipt is None else e.receipt.encode() for e in new],
                 [c.task_id for c in changes],
                 [c.event_id for c in changes],
                 [c.previous_phase for c in changes],
@@ -341,6 +346,7 @@ class PostgresStore:
                 [float(c.changed_at) for c in changes],
                 [orjson.dumps(c.task) for c in changes],
                 [c.kind for c in changes],
+                [c.traceparent for c in changes],
             )
             base = changes_top - len(changes)
         if self.before_commit is not None:
@@ -763,7 +769,8 @@ _CHANNEL = "phasewatch_changes"
 _PRUNED_UPTO = "phasewatch:changes_pruned_upto"
 _LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
 # $1-$7 the view rows; $8-$9 how many events and changes; $10-$11 source and receipt
-# time; $12-$18 the events; $19-$25 the changes.
+# time; $12-$19 the events (with their receipts); $20-$27 the changes (with their
+# traceparents).
 _WRITE = """
 WITH up AS (
     INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)
@@ -777,20 +784,22 @@ WITH up AS (
     RETURNING events, changes
 ), ev AS (
     INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,
-                        created_at, updated_at, raw)
+                        created_at, updated_at, raw, receipt)
     SELECT alloc.events - $8 + u.n, u.event_id, u.task_id, u.kind, u.format, $10, $11,
-           u.created_at, u.updated_at, u.raw
+           u.created_at, u.updated_at, u.raw, u.receipt
     FROM alloc, unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::float8[],
-                       $17::float8[], $18::bytea[])
-         WITH ORDINALITY AS u(event_id, task_id, kind, format, created_at, updated_at, raw, n)
+                       $17::float8[], $18::bytea[], $19::text[])
+         WITH ORDINALITY AS u(event_id, task_id, kind, format, created_at, updated_at, raw,
+                              receipt, n)
 ), ch AS (
     INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,
-                         recorded_at, task, kind)
+                         recorded_at, task, kind, traceparent)
     SELECT alloc.changes - $9 + u.n, u.task_id, u.event_id, u.previous_phase, u.phase,
-           u.changed_at, $11, u.task, u.kind
-    FROM alloc, unnest($19::text[], $20::text[], $21::text[], $22::text[], $23::float8[],
-                       $24::bytea[], $25::text[])
-         WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind, n)
+           u.changed_at, $11, u.task, u.kind, u.traceparent
+    FROM alloc, unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::float8[],
+                       $25::bytea[], $26::text[], $27::text[])
+         WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind,
+                              traceparent, n)
 )
 -- Wakes every replica's dispatcher at COMMIT (notifications of one transaction fold).
 SELECT events, changes, CASE WHEN $9 > 0 THEN pg_notify('phasewatch_changes', '') END
@@ -804,11 +813,12 @@ _STAGE = (
     " updated_at = excluded.updated_at, doc = excluded.doc, keys = excluded.keys"
 )
 _EVENT_COLUMNS = (
-    "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw FROM events"
+    "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw,"
+    " receipt FROM events"
 )
 _CHANGE_COLUMNS = (
-    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind"
-    " FROM changes"
+    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind,"
+    " traceparent FROM changes"
 )
 _DELIVERY_COLUMNS = (
     "SELECT handler, seq, status, attempts, first_attempt_at, last_attempt_at, error, replay"
@@ -817,7 +827,7 @@ _DELIVERY_COLUMNS = (
 
 
 def _entry(row: asyncpg.Record) -> HistoryEntry:
-    seq, event_id, kind, fmt, source, received_at, created_at, task_id, raw = row
+    seq, event_id, kind, fmt, source, received_at, created_at, task_id, raw, receipt = row
     return HistoryEntry(
         seq,
         event_id,
@@ -828,11 +838,12 @@ def _entry(row: asyncpg.Record) -> HistoryEntry:
         _number(created_at),
         task_id,
         bytes(raw),
+        Receipt.decode(receipt),
     )
 
 
 def _change(row: asyncpg.Record) -> ChangeRecord:
-    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind = row
+    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind, trace = row
     return ChangeRecord(
         seq,
         task_id,
@@ -843,6 +854,7 @@ def _change(row: asyncpg.Record) -> ChangeRecord:
         recorded_at,
         orjson.loads(task),
         kind,
+        trace,
     )
 
 

@@ -235,11 +235,22 @@ CREATE INDEX tasks_by_phase ON tasks (phase, updated_at, id);
 CREATE INDEX changes_by_task ON changes (task_no, seq);
 """
 
+# Version 3: receipts. Each history row may keep its receipt (which webhook secret
+# verified the delivery, the request's W3C traceparent: consumer.core.receipt, as
+# compact JSON) and each outbox row the traceparent of the event that made the change.
+# Two added columns, NULL in the rows already there (nothing was known then); no row is
+# rewritten, so the step takes no time whatever the database's size.
+_TO_V3 = """
+ALTER TABLE events ADD COLUMN receipt TEXT;
+ALTER TABLE changes ADD COLUMN traceparent TEXT;
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "history, view, outbox, deliveries, leases (by task id)", _V1),
     Migration(
         2, "number tasks; history and outbox by task number, dedup within a task", _V1 + _TO_V2
     ),
+    Migration(3, "receipts in the history, traceparent in the outbox", _TO_V3),
 ]
 check_steps(MIGRATIONS)
 

@@ -38,6 +38,7 @@ import orjson
 from consumer.core.codec import Event
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, NewChange, Outcome, decode_keys, plan_batch
+from consumer.core.receipt import Receipt
 from consumer.store.base import IngestResult, Rejected, decode_all, with_rejections
 from consumer.store.sqlite.rows import Rows, known_events, plan_rows, read_current, write_rows
 
@@ -105,8 +106,14 @@ class Planner:
         self.used = 0  # plans the writer wrote
         self.refused = 0  # plans the writer found stale (or could not answer)
 
-    async def plan(self, raws: Sequence[bytes], record_changes: bool) -> Plan:
-        events, rejected = decode_all(raws)
+    async def plan(
+        self,
+        raws: Sequence[bytes],
+        record_changes: bool,
+        receipts: Sequence[Receipt | None] | None = None,
+    ) -> Plan:
+        """Plan a batch; ``receipts`` go with the raws by position into the rows."""
+        events, rejected = decode_all(raws, receipts)
         task_ids = {e.task_id for e in events if e.task_id is not None}
         cache = self._cache
         untasked: list[str] | None = [e.id for e in events if e.task_id is None]

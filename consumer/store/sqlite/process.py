@@ -51,12 +51,14 @@ from typing import Any, NamedTuple
 from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event
 from consumer.core.plan import Outcome
+from consumer.core.receipt import Receipt
 from consumer.store.base import (
     IngestResult,
     RawIngestResult,
     Rejected,
     StoreStats,
     decode_all,
+    receipts_of,
     with_rejections,
 )
 from consumer.store.sqlite.collector import tune_for_batches
@@ -150,13 +152,34 @@ _MAX_COALESCED = 16
 
 
 class _Request(NamedTuple):
-    """A batch for the writer; ``planned``: the rows planned in the parent, if any."""
+    """A batch for the writer; ``planned``: the rows planned in the parent, if any;
+    ``receipts``: the raws' receipts by position (see :func:`_wire`), None when none has
+    one."""
 
     raws: list[bytes]
     source: str
     received_at: int
     record_changes: bool
     planned: Planned | None
+    receipts: list[tuple[str | None, str | None] | None] | None = None
+
+
+def _wire(
+    receipts: Sequence[Receipt | None] | None,
+) -> list[tuple[str | None, str | None] | None] | None:
+    """Receipts as plain tuples for the socket (a third of the cost of pickling the
+    dataclass), None when there are none to carry."""
+    if receipts is None or all(r is None for r in receipts):
+        return None
+    return [None if r is None else (r.secret, r.traceparent) for r in receipts]
+
+
+def _unwire(
+    receipts: list[tuple[str | None, str | None] | None] | None,
+) -> list[Receipt | None] | None:
+    if receipts is None:
+        return None
+    return [None if r is None else Receipt(*r) for r in receipts]
 
 
 class _Reply(NamedTuple):
@@ -201,7 +224,7 @@ def _ingest(store: SQLiteStore, con: sqlite3.Connection, request: _Request) -> _
         if base is not None:
             return _Reply("planned", base=base)
         # What the plan assumed no longer holds: fold the batch here, as without one.
-    events, rejected = decode_all(request.raws)
+    events, rejected = decode_all(request.raws, _unwire(request.receipts))
     result = store.ingest_in_tx(
         con, events, request.source, request.received_at, request.record_changes
     )
@@ -225,6 +248,7 @@ def _fields(c: ChangeRecord) -> tuple[Any, ...]:
         c.recorded_at,
         c.task,
         c.kind,
+        c.traceparent,
     )
 
 
@@ -358,7 +382,13 @@ class SQLiteProcessStore(SQLiteStore):
     ) -> IngestResult:
         # The child decodes the raw bytes again: cheaper than pickling the parsed events.
         raws = [e.raw for e in events]
-        result = await self.ingest_raw(raws, source, received_at, record_changes=record_changes)
+        result = await self.ingest_raw(
+            raws,
+            source,
+            received_at,
+            record_changes=record_changes,
+            receipts=receipts_of(events),
+        )
         outcomes = [o for o in result.outcomes if isinstance(o, Outcome)]
         if len(outcomes) != len(raws):
             raise RuntimeError("the writer process rejected an event that decoded here")
@@ -372,13 +402,17 @@ class SQLiteProcessStore(SQLiteStore):
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """Batches from concurrent callers are queued to the writer, which commits them
         one after another, in the order they were sent. With ``keys``, the records of a
         ``fold_here`` share of the keys are decoded and folded here and the writer only
-        writes them (see the module docstring)."""
+        writes them (see the module docstring). ``receipts`` go with their raws, by
+        position, whichever side folds them."""
+        if receipts is not None and len(receipts) != len(raws):
+            raise ValueError(f"{len(receipts)} receipts for {len(raws)} messages")
         if keys is None or self._fold_here == 0:
-            return await self._ingest_there(raws, source, received_at, record_changes)
+            return await self._ingest_there(raws, source, received_at, record_changes, receipts)
         here: list[int] = []
         there: list[int] = []
         for i, key in enumerate(keys):
@@ -391,7 +425,13 @@ class SQLiteProcessStore(SQLiteStore):
         ]
         results = await asyncio.gather(
             *(
-                ingest([raws[i] for i in positions], source, received_at, record_changes)
+                ingest(
+                    [raws[i] for i in positions],
+                    source,
+                    received_at,
+                    record_changes,
+                    None if receipts is None else [receipts[i] for i in positions],
+                )
                 for positions, ingest in parts
             )
         )
@@ -407,19 +447,30 @@ class SQLiteProcessStore(SQLiteStore):
         return RawIngestResult(outcomes, changes)
 
     async def _ingest_there(
-        self, raws: Sequence[bytes], source: str, received_at: int, record_changes: bool
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        record_changes: bool,
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """The writer process decodes, folds and writes."""
         link = self._link
         if link is None:
             raise RuntimeError("SQLiteProcessStore is not open")
         reply = await self._call(
-            link, _Request(list(raws), source, received_at, record_changes, None)
+            link,
+            _Request(list(raws), source, received_at, record_changes, None, _wire(receipts)),
         )
         return _result(reply)
 
     async def _ingest_here(
-        self, raws: Sequence[bytes], source: str, received_at: int, record_changes: bool
+        self,
+        raws: Sequence[bytes],
+        source: str,
+        received_at: int,
+        record_changes: bool,
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """This process decodes and folds; the writer checks the plan and writes it."""
         link = self._link
@@ -429,10 +480,12 @@ class SQLiteProcessStore(SQLiteStore):
         tune_for_batches()
         async with self._planning:
             # Plans go to the writer in the order they are made: each builds on the last.
-            plan = await self._planner.plan(raws, record_changes)
-            waiter = self._send(
-                link, _Request(list(raws), source, received_at, record_changes, plan.planned)
+            plan = await self._planner.plan(raws, record_changes, receipts)
+            # The receipts go too: if the plan went stale, the writer folds the raws itself.
+            request = _Request(
+                list(raws), source, received_at, record_changes, plan.planned, _wire(receipts)
             )
+            waiter = self._send(link, request)
         try:
             reply = await self._answer(link, waiter)
         except BaseException:

@@ -69,6 +69,7 @@ class EventRow(NamedTuple):
     created_at: int | float
     updated_at: int | float | None
     raw: bytes
+    receipt: str | None  # the event's Receipt, encoded (None: none, or an empty one)
 
 
 class TaskRow(NamedTuple):
@@ -93,6 +94,7 @@ class ChangeRow(NamedTuple):
     changed_at: int | float
     task: bytes  # the materialized task right after the change, as JSON
     kind: str
+    traceparent: str | None
 
 
 @dataclass(slots=True)
@@ -109,7 +111,16 @@ def plan_rows(plan: BatchPlan) -> Rows:
     """The rows that write ``plan``. Pure."""
     return Rows(
         [
-            EventRow(e.id, e.task_id, e.kind, e.format.value, e.created_at, e.updated_at, e.raw)
+            EventRow(
+                e.id,
+                e.task_id,
+                e.kind,
+                e.format.value,
+                e.created_at,
+                e.updated_at,
+                e.raw,
+                None if e.receipt is None else e.receipt.encode(),
+            )
             for e in plan.new_events
         ],
         [
@@ -125,6 +136,7 @@ def plan_rows(plan: BatchPlan) -> Rows:
                 c.changed_at,
                 orjson.dumps(c.task),
                 c.kind,
+                c.traceparent,
             )
             for c in plan.changes
         ],
@@ -151,7 +163,7 @@ def write_rows(
         numbers.update((task_id, no) for no, task_id in fresh)
     con.executemany(
         "INSERT INTO events (event_id, task_no, task_id, kind, format, source, received_at,"
-        " created_at, updated_at, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " created_at, updated_at, raw, receipt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 event_id,
@@ -164,8 +176,9 @@ def write_rows(
                 created_at,
                 updated_at,
                 raw,
+                receipt,
             )
-            for event_id, task_id, kind, fmt, created_at, updated_at, raw in rows.events
+            for event_id, task_id, kind, fmt, created_at, updated_at, raw, receipt in rows.events
         ],
     )
     con.executemany(
@@ -193,7 +206,8 @@ def write_rows(
         # Explicit seqs let one executemany replace a RETURNING round trip per change.
         con.executemany(
             "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
-            " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " changed_at, recorded_at, task, kind, traceparent)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     seq,
@@ -206,10 +220,18 @@ def write_rows(
                     received_at,
                     task,
                     kind,
+                    traceparent,
                 )
-                for seq, (task_id, event_id, previous, phase, changed_at, task, kind) in enumerate(
-                    rows.changes, start=base + 1
-                )
+                for seq, (
+                    task_id,
+                    event_id,
+                    previous,
+                    phase,
+                    changed_at,
+                    task,
+                    kind,
+                    traceparent,
+                ) in enumerate(rows.changes, start=base + 1)
             ],
         )
     return base

@@ -30,7 +30,9 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # to the history, not to the view, so a rebuild can repair a view that lost rows.
 #
 # The latest schema, for reference: databases get it from MIGRATIONS (change it there,
-# by a new step, and here to match).
+# by a new step, and here to match). ``events.receipt`` and ``changes.traceparent`` are
+# written the way SQLite keeps a table's text after ``ALTER TABLE ... ADD COLUMN`` (step
+# 3 added them), so that this text and a migrated database's are the same.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS events (
     created_at  NUMERIC NOT NULL,
     updated_at  NUMERIC,
     raw         BLOB    NOT NULL
-);
+, receipt TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_task ON events (task_no, event_id)
     WHERE task_no IS NOT NULL;
 CREATE UNIQUE INDEX IF NOT EXISTS events_untasked ON events (event_id) WHERE task_no IS NULL;
@@ -75,7 +77,7 @@ CREATE TABLE IF NOT EXISTS changes (
     recorded_at    INTEGER NOT NULL,
     task           BLOB    NOT NULL,
     kind           TEXT    NOT NULL DEFAULT 'phase'
-);
+, traceparent TEXT);
 CREATE INDEX IF NOT EXISTS changes_by_task ON changes (task_no, seq);
 CREATE TABLE IF NOT EXISTS deliveries (
     handler          TEXT    NOT NULL,

@@ -32,6 +32,7 @@ from consumer.core.change import ChangeRecord
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import decode_keys, dedup_key, plan_batch
+from consumer.core.receipt import Receipt
 from consumer.store.base import (
     Cursor,
     Delivery,
@@ -279,9 +280,12 @@ class SQLiteStore:
         *,
         record_changes: bool = True,
         keys: Sequence[bytes | None] | None = None,  # one writer, on this loop: unused
+        receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         del keys
-        return await ingest_decoded(self, raws, source, received_at, record_changes=record_changes)
+        return await ingest_decoded(
+            self, raws, source, received_at, record_changes=record_changes, receipts=receipts
+        )
 
     def ingest_in_tx(
         self,
@@ -464,15 +468,9 @@ class SQLiteStore:
             if task_id is None
             else (f"task_no = {_NO} AND seq > ?", [task_id, seq])
         )
-        sql = (
-            "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw"  # noqa: S608
-            f" FROM events WHERE {where} ORDER BY seq LIMIT ?"
-        )
+        sql = f"{_EVENT_COLUMNS} WHERE {where} ORDER BY seq LIMIT ?"
         rows = await self._read(sql, [*params, limit])
-        return [
-            HistoryEntry(seq, eid, kind, EventFormat(fmt), src, rcv, created, tid, bytes(raw))
-            for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
-        ]
+        return [_entry(row) for row in rows]
 
     async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
         rows = await self._read(
@@ -484,8 +482,8 @@ class SQLiteStore:
     async def history_of_tasks(self, task_ids: Sequence[str], upto_seq: int) -> list[HistoryEntry]:
         def run() -> list[Any]:
             sql = (
-                "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id,"
-                " raw FROM events WHERE task_no IN (SELECT no FROM task_numbers WHERE id IN ({}))"
+                f"{_EVENT_COLUMNS}"  # noqa: S608 - constants and '?' placeholders only
+                " WHERE task_no IN (SELECT no FROM task_numbers WHERE id IN ({}))"
                 " AND seq <= ?"
             )
             out: list[Any] = []
@@ -496,10 +494,7 @@ class SQLiteStore:
             return out
 
         rows = await self._run(self._reader, run)
-        entries = [
-            HistoryEntry(seq, eid, kind, EventFormat(fmt), src, rcv, created, tid, bytes(raw))
-            for seq, eid, kind, fmt, src, rcv, created, tid, raw in rows
-        ]
+        entries = [_entry(row) for row in rows]
         entries.sort(key=lambda e: (e.task_id or "", e.seq))
         return entries
 
@@ -712,8 +707,12 @@ _STAGE_REBUILT = (
 _NO = "(SELECT no FROM task_numbers WHERE id = ?)"
 
 _CHANGE_COLUMNS = (
-    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind"
-    " FROM changes"
+    "SELECT seq, task_id, event_id, previous_phase, phase, changed_at, recorded_at, task, kind,"
+    " traceparent FROM changes"
+)
+_EVENT_COLUMNS = (
+    "SELECT seq, event_id, kind, format, source, received_at, created_at, task_id, raw,"
+    " receipt FROM events"
 )
 
 
@@ -731,7 +730,32 @@ def _delivery(row: Any) -> Delivery:
 
 
 def _change(row: Any) -> ChangeRecord:
-    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind = row
+    seq, task_id, event_id, previous, phase, changed_at, recorded_at, task, kind, trace = row
     return ChangeRecord(
-        seq, task_id, event_id, previous, phase, changed_at, recorded_at, orjson.loads(task), kind
+        seq,
+        task_id,
+        event_id,
+        previous,
+        phase,
+        changed_at,
+        recorded_at,
+        orjson.loads(task),
+        kind,
+        trace,
+    )
+
+
+def _entry(row: Any) -> HistoryEntry:
+    seq, event_id, kind, fmt, source, received_at, created_at, task_id, raw, receipt = row
+    return HistoryEntry(
+        seq,
+        event_id,
+        kind,
+        EventFormat(fmt),
+        source,
+        received_at,
+        created_at,
+        task_id,
+        bytes(raw),
+        Receipt.decode(receipt),
     )
