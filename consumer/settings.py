@@ -21,6 +21,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from consumer.changes_retention import Retention, parse_retention
+from consumer.core.signature import parse_secrets
 from consumer.dispatch.policy import DeliveryPolicy
 from consumer.sources.kafka.options import KafkaConnection, SourceOptions
 
@@ -91,9 +92,19 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, ge=0, le=65535, description="Port the HTTP server binds.")
     webhook_secret: SecretStr | None = Field(
         None,
-        description="Livepeer webhook shared secret. Unset: unsigned webhooks are accepted "
-        "(a warning is logged at start).",
+        description="Livepeer webhook shared secret, or a comma-separated list of them "
+        "(several projects, rotation), each optionally name=secret; the history records "
+        "which one (its name, else its 0-based index) verified each delivery. Unset: "
+        "unsigned webhooks are accepted (a warning is logged at start).",
     )
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secrets(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_secrets(value.get_secret_value())  # its messages never quote a secret
+        return value
+
     webhook_tolerance_s: int = Field(
         300,
         ge=0,

@@ -145,7 +145,21 @@ def document() -> dict[str, Any]:
                                 "type": "object",
                                 "properties": {
                                     "taskId": {"type": "string"},
-                                    "events": {"type": "array", "items": {"type": "object"}},
+                                    "events": {
+                                        "type": "array",
+                                        "items": {
+                                            "type": "object",
+                                            "properties": {
+                                                "verifiedBy": {
+                                                    "type": ["string", "null"],
+                                                    "description": "The name (else the "
+                                                    "0-based index) of the webhook secret "
+                                                    "that verified the delivery; null when "
+                                                    "none did (unsigned, Kafka, imports).",
+                                                }
+                                            },
+                                        },
+                                    },
                                     "phaseChanges": {
                                         "type": "array",
                                         "items": {"type": "object"},

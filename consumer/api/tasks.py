@@ -96,6 +96,8 @@ async def task_history(request: web.Request) -> web.Response:
                     "source": e.source,
                     "receivedAt": e.received_at,
                     "createdAt": e.created_at,
+                    # The name (or index) of the webhook secret that verified it, if any.
+                    "verifiedBy": None if e.receipt is None else e.receipt.secret,
                     **_body(e.raw),
                 }
                 for e in events

@@ -299,6 +299,7 @@ async def _history(store: Store, task_id: str, *, as_json: bool) -> int:
                     "source": e.source,
                     "receivedAt": e.received_at,
                     "createdAt": e.created_at,
+                    "verifiedBy": None if e.receipt is None else e.receipt.secret,
                 }
                 for e in events
             ],
@@ -308,11 +309,16 @@ async def _history(store: Store, task_id: str, *, as_json: bool) -> int:
         }
         print(orjson.dumps(doc).decode())
         return 0
-    print(f"{'SEQ':>8}  {'RECEIVED (UTC)':<29} {'SOURCE':<13} {'EVENT':<16} EVENT ID")
+    print(
+        f"{'SEQ':>8}  {'RECEIVED (UTC)':<29} {'SOURCE':<13} {'EVENT':<16} {'VERIFIED BY':<12}"
+        " EVENT ID"
+    )
     for e in events:
+        # The name (or index) of the webhook secret that verified it; "-": none did.
+        verified = (e.receipt.secret if e.receipt is not None else None) or "-"
         print(
             f"{e.seq:>8}  {_when(e.received_at):<29} {e.source:<13} {e.kind:<16}"
-            f" {redact_text(e.event_id)}"
+            f" {verified:<12} {redact_text(e.event_id)}"
         )
     print()
     print(f"{'SEQ':>8}  {'CHANGED (UTC)':<29} CHANGE")

@@ -15,9 +15,12 @@ when a retry may well succeed::
 
 The signature is checked over the body bytes Livepeer signed (spec §2): the request body
 as received, after undoing any ``Content-Encoding`` a proxy may have applied (Livepeer
-itself sends none). A body whose encoding does not decode gets 400. The body goes to an
-:class:`EventSink` (the store's group-commit ingestor, or a Kafka topic in forward mode),
-which decodes it where it is stored.
+itself sends none), against every configured secret (constant time across the list,
+:func:`~consumer.core.signature.verify_any`). A body whose encoding does not decode gets
+400. The body goes to an :class:`EventSink` (the store's group-commit ingestor, or a
+Kafka topic in forward mode), which decodes it where it is stored, with its
+:class:`~consumer.core.receipt.Receipt`: the name (or index) of the secret that verified
+it, and the request's ``traceparent`` header when it is a valid W3C one.
 """
 
 from __future__ import annotations
@@ -25,14 +28,15 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from aiohttp import web
 
 from consumer.api.responses import bad_encoding, error, json_response
 from consumer.core.codec import HTTP_STATUS
-from consumer.core.signature import SignatureError, verify
+from consumer.core.receipt import Receipt, valid_traceparent
+from consumer.core.signature import SignatureError, WebhookSecret, parse_secrets, verify_any
 from consumer.core.times import now_ms
 from consumer.store.base import Rejected
 
@@ -47,9 +51,19 @@ RequestHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(frozen=True, slots=True)
 class WebhookConfig:
-    secret: bytes | None = None  # None: unsigned webhooks are accepted (warned at start)
+    """``secret``: the ``PHASEWATCH_WEBHOOK_SECRET`` value, one secret or a
+    comma-separated list of them, each optionally ``name=secret`` (see
+    :func:`~consumer.core.signature.parse_secrets`); None: unsigned webhooks are accepted
+    (warned at start). ``secrets``: the list it holds."""
+
+    secret: bytes | None = field(default=None, repr=False)
     tolerance_ms: int = 300_000
     max_body_bytes: int = 1024 * 1024
+    secrets: tuple[WebhookSecret, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        secrets = () if self.secret is None else parse_secrets(self.secret)
+        object.__setattr__(self, "secrets", secrets)
 
 
 class EventSink(Protocol):
@@ -57,7 +71,7 @@ class EventSink(Protocol):
     in forward mode, a Kafka topic. Returns a status word once the event is durable, or
     what is wrong with the body (nothing of it is kept then)."""
 
-    async def submit(self, raw: bytes) -> str | Rejected: ...
+    async def submit(self, raw: bytes, receipt: Receipt | None = None) -> str | Rejected: ...
 
 
 def webhook_handler(sink: EventSink, config: WebhookConfig) -> RequestHandler:
@@ -83,21 +97,24 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
         body = decoded(body, request.headers.get("Content-Encoding"), config.max_body_bytes)
     except BadBody as exc:
         return error(exc.status, exc.code, str(exc))
-    if config.secret is not None:
+    verified_by: str | None = None
+    if config.secrets:
         try:
-            verify(
+            _, secret = verify_any(
                 request.headers.get("Livepeer-Signature"),
                 body,
-                config.secret,
+                config.secrets,
                 now_ms=now_ms(),
                 tolerance_ms=config.tolerance_ms,
             )
         except SignatureError as exc:
             return error(401, "bad_signature", str(exc))
+        verified_by = secret.name
+    receipt = _receipt(request, verified_by)
     try:
         # Decoded where it is stored (by default in the writer process): a body that is
         # not an event comes back rejected, with what is wrong.
-        outcome = await sink.submit(body)
+        outcome = await sink.submit(body, receipt)
     except Exception:
         # Our fault, not the sender's: 503 so Livepeer retries later.
         log.exception("could not make a webhook body durable")
@@ -105,6 +122,16 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
     if isinstance(outcome, Rejected):
         return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message)
     return json_response({"status": str(outcome)})
+
+
+def _receipt(request: web.Request, verified_by: str | None) -> Receipt | None:
+    """What the history keeps of how this delivery came: the secret's name, and the W3C
+    trace context when the request carries exactly one valid ``traceparent``."""
+    found = request.headers.getall("traceparent", [])
+    traceparent = valid_traceparent(found[0]) if len(found) == 1 else None
+    if verified_by is None and traceparent is None:
+        return None
+    return Receipt(verified_by, traceparent)
 
 
 class BadBody(ValueError):

@@ -9,6 +9,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
+from consumer.core.receipt import Receipt
 from consumer.sources.kafka.options import KafkaConnection, client_options
 from consumer.store.base import Rejected, decode_all
 
@@ -39,7 +40,9 @@ class KafkaForwarder:
             await self._producer.stop()
             self._producer = None
 
-    async def submit(self, raw: bytes) -> str | Rejected:
+    async def submit(self, raw: bytes, receipt: Receipt | None = None) -> str | Rejected:
+        # The topic carries the body alone: a receipt does not travel in forward mode.
+        del receipt
         if self._producer is None:
             raise RuntimeError("KafkaForwarder is not started")
         # Bad input is the sender's to hear about, not the topic's.
