@@ -384,6 +384,13 @@ def parse_args() -> argparse.Namespace:
         help="also run this many consumer processes in one group into one database (>= 2)",
     )
     parser.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for each fresh database (ALTER DATABASE ... SET); repeatable",
+    )
+    parser.add_argument(
         "--no-sqlite", action="store_true", help="skip the SQLite contender (phasewatch)"
     )
     parser.add_argument("--db-url", help=argparse.SUPPRESS)  # child: PostgreSQL database
@@ -399,6 +406,15 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def contenders(args: argparse.Namespace) -> list[str]:
+    kinds = ["bare"] + ([] if args.no_sqlite else ["phasewatch"])
+    if args.postgres or args.database_url:
+        kinds.append("postgres")
+        if args.pg_consumers >= 2:
+            kinds.append(f"postgres-x{args.pg_consumers}")
+    return kinds
+
+
 def main() -> None:
     args = parse_args()
     global WRITER  # noqa: PLW0603 - one setting for the children this run starts
@@ -410,12 +426,8 @@ def main() -> None:
 
     from pg_local import bench_postgres, code_state
 
-    kinds = ["bare"] + ([] if args.no_sqlite else ["phasewatch"])
-    with_pg = args.postgres or bool(args.database_url)
-    if with_pg:
-        kinds.append("postgres")
-        if args.pg_consumers >= 2:
-            kinds.append(f"postgres-x{args.pg_consumers}")
+    kinds = contenders(args)
+    with_pg = any(k.startswith("postgres") for k in kinds)
     broker = None
     bootstrap = args.bootstrap
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
@@ -424,6 +436,8 @@ def main() -> None:
         if pg is not None:
             print(f"postgres: {pg.server_version()}", file=sys.stderr)
         print(f"code: {code_state()}", file=sys.stderr)
+        if args.pg_set:
+            print(f"postgres databases set: {', '.join(args.pg_set)}", file=sys.stderr)
         if not bootstrap:
             broker = load_kafka_local().LocalKafka()
             bootstrap = broker.start()
@@ -439,6 +453,7 @@ def main() -> None:
                 else:
                     assert pg is not None
                     url = pg.fresh(f"kafka_{kind}")
+                    pg.configure(url, args.pg_set)
                     if kind == "postgres":
                         result = child("phasewatch", bootstrap, topic, args.events, "--db-url", url)
                     else:

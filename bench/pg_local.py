@@ -85,11 +85,27 @@ class BenchPostgres:
         base, _, _ = self.admin_url.rpartition("/")
         return f"{base}/{name}"
 
+    def configure(self, url: str, settings: list[str]) -> None:
+        """``ALTER DATABASE ... SET name = value`` for each ``name=value``: sessions opened
+        afterwards get them (server tuning to try, with no change to phasewatch)."""
+        name = url.rpartition("/")[2]
+        statements = []
+        for item in settings:
+            key, sep, value = item.partition("=")
+            if not sep or not key.replace(".", "").replace("_", "").isalnum():
+                raise ValueError(f"--pg-set: expected NAME=VALUE, got {item!r}")
+            statements.append(f"ALTER DATABASE \"{name}\" SET {key} = '{value}'")
+        if statements:
+            self.admin(*statements)
+
     def drop(self, url: str) -> None:
         name = url.rpartition("/")[2]
         with contextlib.suppress(Exception):
             asyncio.run(_admin(self.admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             self.created.remove(name)
+
+    def admin(self, *statements: str) -> None:
+        asyncio.run(_admin(self.admin_url, *statements))
 
     def counts(self, url: str) -> dict[str, int]:
         return asyncio.run(_counts(url))

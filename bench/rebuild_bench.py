@@ -137,8 +137,10 @@ def run_child(kind: str, target: list[str]) -> dict[str, Any]:
         [sys.executable, __file__, "--child", kind, *target],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
     )
+    if out.returncode:
+        raise SystemExit(f"{kind} {target[0]} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 

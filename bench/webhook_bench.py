@@ -110,6 +110,7 @@ class Config:
     out_json: Path
     contenders: tuple[str, ...] = SERVERS
     pg_admin_url: str | None = None  # None with a postgres contender: start a local server
+    pg_settings: tuple[str, ...] = ()  # NAME=VALUE: ALTER DATABASE ... SET on each database
 
     def wrk_args(self, connections: int | None = None) -> list[str]:
         return [
@@ -603,6 +604,7 @@ def one_run(bench: Bench, name: str, rnd: int, order: int) -> RunResult:
     if is_postgres(name):
         assert bench.pg is not None
         db_url = bench.pg.fresh(f"r{rnd}_{name}")
+        bench.pg.configure(db_url, list(cfg.pg_settings))
         result.server_check["database"] = db_url.rpartition("/")[2]
     n = replicas_of(name)
     servers = [Server(name, cfg, f"r{rnd}" + (f"-{i}" if n > 1 else ""), db_url) for i in range(n)]
@@ -832,6 +834,14 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         " user may CREATE DATABASE; each run gets a fresh database, dropped after)",
     )
     ap.add_argument(
+        "--pg-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for each fresh database (ALTER DATABASE ... SET), e.g."
+        " plan_cache_mode=force_custom_plan; repeatable",
+    )
+    ap.add_argument(
         "--replicas",
         default="1",
         help="PostgreSQL contenders' replica counts, comma-separated (1,2: postgres and"
@@ -879,6 +889,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, bool]:
         only=a.only,
         contenders=tuple(contenders),
         pg_admin_url=a.database_url,
+        pg_settings=tuple(a.pg_set),
         phasewatch_cmd=shlex.split(a.phasewatch_cmd),
         ready_timeout=a.ready_timeout,
         keep=a.keep,
