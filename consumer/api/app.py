@@ -1,8 +1,9 @@
 """The HTTP surface (aiohttp), assembled: the webhook receiver
 (:mod:`consumer.sources.webhook`), the read API (:mod:`consumer.api.tasks`), the changes
 feed (:mod:`consumer.api.changes`), dead-letter administration (:mod:`consumer.api.admin`)
-and the probes (:mod:`consumer.api.health`), behind one error middleware and, with a token,
-one auth middleware. The only module that builds an aiohttp application.
+and the probes (:mod:`consumer.api.health`), and the dashboard
+(:mod:`consumer.api.dashboard`), behind one error middleware and, with a token, one auth
+middleware. The only module that builds an aiohttp application.
 
 Every error body is JSON: ``{"error": <code>, "message": <what was wrong>}``; an
 unexpected exception is a 500 that never leaks internals.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from consumer.api import admin, changes, health, tasks
+from consumer.api import admin, changes, dashboard, health, tasks
 from consumer.api.changes import FEED_KEY, STREAM_PATH, ChangeFeed
 from consumer.api.context import LAG_KEY, LAG_LIMIT_KEY, STATUS_KEY, STORE_KEY, ApiStore, StatusFn
 from consumer.api.openapi import document
@@ -87,6 +88,7 @@ def build_app(
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/openapi.json", _openapi)
+    dashboard.setup(app, token_required=config.api_token is not None)
     return app
 
 
@@ -115,8 +117,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error(500, "internal_error", "internal error; see the service log")
 
 
-# Webhooks carry their own signature; probes must work without credentials.
-_OPEN_PATHS = frozenset({WEBHOOK_PATH, "/healthz", "/readyz", "/openapi.json"})
+# Webhooks carry their own signature; probes must work without credentials; the
+# dashboard's page and assets hold no data (the page asks for the token itself).
+_OPEN_PATHS = (
+    frozenset({WEBHOOK_PATH, "/healthz", "/readyz", "/openapi.json"}) | dashboard.OPEN_PATHS
+)
 
 
 def _auth(token: str) -> Middleware:

@@ -12,6 +12,7 @@ from typing import Any
 from consumer import __version__
 from consumer.api.changes import MAX_WAIT_S
 from consumer.api.context import MAX_PAGE
+from consumer.api.dashboard import ASSETS
 
 __all__ = ["document"]
 
@@ -309,6 +310,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
                 }
             },
+            **_dashboard_paths(),
         },
         "components": {
             "schemas": {
@@ -418,3 +420,156 @@ _CHANGE_FILTERS = [
     _query("type", "Comma-separated task types (repeatable)."),
     _query("taskId", "Only this task's changes (repeatable)."),
 ]
+
+
+def _dashboard_paths() -> dict[str, Any]:
+    """The dashboard (consumer.api.dashboard): the page and its assets, served without
+    credentials (they hold no data), and the two figures only the page needs."""
+    secured = "Served with a strict Content-Security-Policy, nosniff and no-referrer."
+
+    def page(summary: str, media: str, description: str) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "description": secured,
+                "responses": {
+                    "200": {
+                        "description": description,
+                        "content": {media: {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        }
+
+    nullable_ms = {"type": ["integer", "null"]}
+    return {
+        "/": page("The dashboard (HTML)", "text/html", "The page; its script asks for the token."),
+        "/favicon.ico": page("The icon (SVG)", "image/svg+xml", "The icon."),
+        "/favicon.svg": page("The icon (SVG)", "image/svg+xml", "The icon."),
+        "/static/{name}": {
+            "get": {
+                "summary": "The dashboard's scripts (ES modules), style sheet and icon",
+                "description": secured,
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"enum": sorted(ASSETS)},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The asset.",
+                        "content": {
+                            media: {"schema": {"type": "string"}}
+                            for media in sorted({t.split(";")[0] for t in ASSETS.values()})
+                        },
+                    },
+                    "404": _json(_ERROR, "No such asset."),
+                },
+            }
+        },
+        "/dashboard/config": {
+            "get": {
+                "summary": "What the page needs first: whether the API wants a token",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "tokenRequired": {"type": "boolean"},
+                                "phases": {"type": "array", "items": {"type": "string"}},
+                                "types": {"type": "array", "items": {"type": "string"}},
+                                "intervalSeconds": {"type": "number"},
+                            },
+                            "required": ["tokenRequired", "phases", "types", "intervalSeconds"],
+                        },
+                        "The page's settings (no data).",
+                    )
+                },
+            }
+        },
+        "/dashboard/series": {
+            "get": {
+                "summary": "Events/s and changes/s over the last hour; handler latency",
+                "description": "One point per interval (10 s), sampled from the store's "
+                "counters by this process; each handler's delivery latency (commit to the "
+                "handler's return) over the last 10 minutes, measured on a sample of "
+                "recent changes.",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "intervalSeconds": {"type": "number"},
+                                "windowSeconds": {"type": "number"},
+                                "now": {"type": "integer"},
+                                "points": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "t": {"type": "integer"},
+                                            "seconds": {"type": "number"},
+                                            "eventsPerSecond": {"type": "number"},
+                                            "changesPerSecond": {"type": "number"},
+                                        },
+                                        "required": [
+                                            "t",
+                                            "seconds",
+                                            "eventsPerSecond",
+                                            "changesPerSecond",
+                                        ],
+                                    },
+                                },
+                                "handlers": {
+                                    "type": "object",
+                                    "additionalProperties": {
+                                        "type": "object",
+                                        "properties": {
+                                            "samples": {"type": "integer"},
+                                            "p50Ms": nullable_ms,
+                                            "p95Ms": nullable_ms,
+                                            "maxMs": nullable_ms,
+                                            "windowSeconds": {"type": "integer"},
+                                        },
+                                    },
+                                },
+                            },
+                            "required": ["intervalSeconds", "windowSeconds", "now", "points"],
+                        },
+                        "The series, oldest point first.",
+                    ),
+                    **_AUTH,
+                },
+            }
+        },
+        "/dashboard/phases": {
+            "get": {
+                "summary": "How many tasks are in each phase",
+                "description": "Counted from the view, each phase up to 10,000 (a phase "
+                "in capped has at least that many); other: tasks in phases phasewatch "
+                "does not know (null when a count is capped). Cached for 2 s.",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "total": {"type": "integer"},
+                                "phases": {
+                                    "type": "object",
+                                    "additionalProperties": {"type": "integer"},
+                                },
+                                "capped": {"type": "array", "items": {"type": "string"}},
+                                "other": {"type": ["integer", "null"]},
+                            },
+                            "required": ["total", "phases", "capped", "other"],
+                        },
+                        "The counts.",
+                    ),
+                    **_AUTH,
+                },
+            }
+        },
+    }
