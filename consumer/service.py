@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from consumer import tracing
 from consumer.api.app import HttpConfig, build_app
 from consumer.api.changes import ChangeFeed, StreamConfig
 from consumer.changes_retention import RetentionLoop
@@ -35,6 +36,7 @@ from consumer.sources.kafka.producers import KafkaForwarder
 from consumer.sources.reconcile import ReconcileLoop
 from consumer.sources.studio import StudioClient
 from consumer.sources.webhook import EventSink
+from consumer.stale import StaleSweeper, watches_of
 from consumer.store.base import Store
 from consumer.store.memory import MemoryStore
 from consumer.store.postgres.store import PostgresStore
@@ -117,6 +119,13 @@ class Service:
             needed_by=[s.name for s in self.handlers],
             interval_s=settings.changes_retention_interval_s,
         )
+        # Stale alerts for the subscriptions that asked (stale_for), under the stale lease.
+        self.stale = StaleSweeper(
+            self.store,
+            watches_of(self.handlers),
+            lease_s=settings.dispatch_lease_s,
+            on_changes=self._changes_committed,
+        )
         self.kafka: KafkaSource | None = None
         self.forwarder: KafkaForwarder | None = None
         sink: EventSink = self.ingestor
@@ -186,6 +195,8 @@ class Service:
             status["forwarded"] = self.forwarder.forwarded
         if self.reconcile is not None:
             status["reconcile"] = self.reconcile.status()
+        if self.stale.watches:
+            status["stale"] = self.stale.status()
         return status
 
     async def _store_failing(self) -> str | None:
@@ -222,6 +233,7 @@ class Service:
         await self.store.listen_changes(lambda: self.dispatcher.notify([]))
         await self.store.listen_changes(self.feed.notify)  # and the changes feed
         await self.retention.start()
+        await self.stale.start()
         await self.ingestor.start()
         try:
             if self.kafka is not None:
@@ -247,6 +259,7 @@ class Service:
         if self.kafka is not None:
             await self.kafka.stop()
         await self.ingestor.stop()
+        await self.stale.stop()
         await self.dispatcher.stop()
         await self.retention.stop()
         await self.store.close()
@@ -273,7 +286,18 @@ def _reconcile_loop(
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    """Run until SIGINT/SIGTERM, then stop gracefully. Tracing (the ``otel`` extra and
+    the ``OTEL_*`` variables, see :mod:`consumer.tracing`) is set up first, and its last
+    spans exported once everything has stopped."""
+    tracing.configure()
+    try:
+        await _serve(settings)
+    finally:
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.shutdown)
+
+
+async def _serve(settings: Settings) -> None:
     # Signals first: a SIGTERM that arrives while the store opens (a rolling restart)
     # still stops the service cleanly instead of killing it.
     stop = asyncio.Event()

@@ -24,6 +24,7 @@ from consumer.changes_retention import Retention, parse_retention
 from consumer.core.signature import parse_secrets
 from consumer.dispatch.policy import DeliveryPolicy
 from consumer.sources.kafka.options import KafkaConnection, SourceOptions
+from consumer.stale import parse_stale
 
 __all__ = ["ConfigError", "Settings", "describe_invalid"]
 
@@ -201,6 +202,32 @@ class Settings(BaseSettings):
         None, description="Built-in Kafka publish: each phase change as a record here."
     )
     log_changes: bool = Field(False, description="Built-in log: one JSON line per change.")
+    notify_stale: str = Field(
+        "",
+        description="Built-in HTTP notify also POSTs a stale alert (kind stale) for a task "
+        "that stays in a phase with no newer snapshot this long: phase:seconds, "
+        "comma-separated (e.g. running:300,processing:900); empty: none.",
+    )
+    log_stale: str = Field(
+        "",
+        description="Built-in log also prints a stale alert line, as PHASEWATCH_NOTIFY_STALE "
+        "(phase:seconds, ...); set alone, the log prints only those alerts.",
+    )
+
+    @field_validator("notify_stale", "log_stale")
+    @classmethod
+    def _stale_items(cls, value: str) -> str:
+        parse_stale(value)  # phases and numbers: nothing secret in the message
+        return value.strip()
+
+    def notify_stale_for(self) -> dict[str, float]:
+        """``PHASEWATCH_NOTIFY_STALE`` as phase -> seconds."""
+        return parse_stale(self.notify_stale)
+
+    def log_stale_for(self) -> dict[str, float]:
+        """``PHASEWATCH_LOG_STALE`` as phase -> seconds."""
+        return parse_stale(self.log_stale)
+
     dispatch_max_attempts: int = Field(
         _POLICY.max_attempts,
         gt=0,

@@ -13,13 +13,20 @@ silently never firing.
 
 The built-in handlers build their subscriptions through :func:`subscription` so they get
 the same checks.
+
+Stuck tasks: ``@on(phase="running", stale_for=300)`` receives a ``kind="stale"`` alert,
+once, when a task stays ``running`` with no newer snapshot for 300 s after its
+``status.updatedAt`` (a newer snapshot in the same phase starts the wait again). Such a
+subscription receives only those alerts; :func:`with_stale` adds alerts to one that also
+receives phase changes (how the built-ins carry them).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from enum import Enum
 from types import EllipsisType
 from typing import Any
@@ -34,8 +41,10 @@ __all__ = [
     "on",
     "phase_set",
     "previous_set",
+    "stale_map",
     "subscription",
     "type_set",
+    "with_stale",
 ]
 
 PhaseFilter = str | Iterable[str] | None
@@ -51,6 +60,10 @@ DEFAULT_POLICY = DeliveryPolicy()
 
 _KNOWN_PHASES = frozenset(p.value for p in Phase)
 _KNOWN_TYPES = frozenset(t.value for t in TaskType)
+# Phases a task never leaves: a stale_for on one of them alerts on every such task.
+_FINAL_PHASES = frozenset({Phase.COMPLETED.value, Phase.FAILED.value, Phase.CANCELLED.value})
+# Longer than any wait worth alerting on, and far inside what the stores hold in ms.
+_MAX_STALE_S = 366 * 86400.0
 
 
 def phase_set(value: PhaseFilter, *, what: str = "phase") -> frozenset[str]:
@@ -76,6 +89,42 @@ def previous_set(value: PreviousFilter, *, what: str = "previous") -> frozenset[
     return frozenset(
         None if item is None else _name(item, what, _KNOWN_PHASES, "phase") for item in value
     )
+
+
+def stale_seconds(value: object, what: str = "stale_for") -> float:
+    """A ``stale_for``: a positive, finite number of seconds (at most a year)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{what}: expected a number of seconds, got {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > _MAX_STALE_S:
+        raise ValueError(
+            f"{what}: must be a positive number of seconds, at most {_MAX_STALE_S:.0f}"
+            f" (a year), got {value!r}"
+        )
+    if seconds < 0.001:
+        raise ValueError(f"{what}: must be at least 0.001 s (one millisecond), got {value!r}")
+    return seconds
+
+
+def stale_map(value: Mapping[str, float] | None, *, what: str = "stale_for") -> dict[str, float]:
+    """Phase -> seconds, checked: known phase names (an unknown one warns, as filters
+    do; a final phase warns that every task in it alerts) and positive seconds."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what}: expected a mapping of phase to seconds, got {value!r}")
+    out: dict[str, float] = {}
+    for phase, seconds in value.items():
+        name = _name(phase, what, _KNOWN_PHASES, "phase")
+        if name in _FINAL_PHASES:
+            warnings.warn(
+                f"{what}: tasks stay {name!r} for good: every {name} task will be alerted"
+                " as stale once",
+                UserWarning,
+                stacklevel=_outside_this_module(),
+            )
+        out[name] = stale_seconds(seconds, f"{what}[{name!r}]")
+    return out
 
 
 def _names(
@@ -157,9 +206,12 @@ def subscription(
     on_start: Callable[[], Awaitable[None]] | None = None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
     extra: dict[str, Any] | None = None,
+    stale_for: Mapping[str, float] | None = None,
+    stale_only: bool = False,
 ) -> Subscription:
     """A checked :class:`consumer.Subscription` (filters already normalized; the policy
-    checked itself when it was built)."""
+    checked itself when it was built). ``stale_for``: phase -> seconds, stale alerts
+    wanted (see :func:`on`); ``stale_only``: nothing else."""
     if isinstance(fn, Subscription):
         raise TypeError(f"handler {name!r} is already a subscription: apply @on(...) once")
     if not _is_async(fn):
@@ -177,6 +229,13 @@ def subscription(
     for label, hook in (("on_start", on_start), ("on_stop", on_stop)):
         if hook is not None and not _is_async(hook):
             raise TypeError(f"{label} must be an async function taking no argument")
+    stale = stale_map(stale_for)
+    if not isinstance(stale_only, bool):
+        raise TypeError(f"stale_only must be True or False, got {stale_only!r}")
+    if stale_only and not stale:
+        raise ValueError(f"handler {name!r}: stale_only without stale_for would never fire")
+    if stale_only and updates:
+        raise ValueError(f"handler {name!r}: stale_only receives no updates")
     return Subscription(
         name=name,
         fn=fn,
@@ -189,6 +248,33 @@ def subscription(
         on_start=on_start,
         on_stop=on_stop,
         extra=dict(extra or {}),
+        stale_for=stale,
+        stale_only=stale_only,
+    )
+
+
+def with_stale(
+    sub: Subscription, stale_for: Mapping[str, float], *, stale_only: bool = False
+) -> Subscription:
+    """``sub`` that also receives stale alerts for ``stale_for`` (phase -> seconds), e.g.
+    a built-in notifier; ``stale_only``: and nothing else. An empty mapping returns
+    ``sub`` unchanged (unless ``stale_only``, which is an error then)."""
+    if not stale_for and not stale_only:
+        return sub
+    return subscription(
+        sub.fn,
+        name=sub.name,
+        phases=sub.phases,
+        previous=sub.previous,
+        types=sub.types,
+        where=sub.where,
+        updates=sub.updates and not stale_only,
+        policy=sub.policy,
+        on_start=sub.on_start,
+        on_stop=sub.on_stop,
+        extra=sub.extra,
+        stale_for={**sub.stale_for, **stale_for},
+        stale_only=stale_only,
     )
 
 
@@ -199,6 +285,7 @@ def on(
     type: TypeFilter = None,  # the domain word; shadows builtins.type, unused in here
     where: Predicate | None = None,
     updates: bool = False,
+    stale_for: float | None = None,
     name: str | None = None,
     concurrency: int = DEFAULT_POLICY.concurrency,
     timeout_s: float = DEFAULT_POLICY.timeout_s,
@@ -214,6 +301,14 @@ def on(
     change, checked after the other filters; ``updates``: also receive changes that are
     not phase changes (progress, output...). ``name`` defaults to ``module:qualname`` and
     identifies the handler in delivery records and logs, so keep it stable.
+
+    ``stale_for`` (seconds): instead of phase changes, receive a ``kind="stale"`` alert,
+    once, when a task stays in one of ``phase`` with no newer snapshot for that long
+    after its ``status.updatedAt``. A newer snapshot cancels the wait (one in the same
+    phase starts a new one, which may alert again). Alerts are recorded in the store by
+    the service's sweeper, so they survive restarts and fire once across replicas;
+    tasks folded by ``import`` or ``replay kafka`` without ``--fire-handlers`` are not
+    watched. Needs ``phase``; ``previous`` and ``updates`` do not apply.
 
     Delivery: at most ``concurrency`` calls at once, each cancelled after ``timeout_s``;
     an exception is retried with exponential backoff from ``backoff_s`` up to
@@ -241,6 +336,18 @@ def on(
         raise TypeError(f"updates must be True or False, got {updates!r}")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be a non-empty string, got {name!r}")
+    stale: dict[str, float] = {}
+    if stale_for is not None:
+        seconds = stale_seconds(stale_for)
+        if not phases:
+            raise ValueError(
+                "stale_for needs phase=...: the phase(s) a task must stay in to be alerted"
+            )
+        if previous is not ...:
+            raise ValueError("previous does not apply to stale alerts (stale_for)")
+        if updates:
+            raise ValueError("updates does not apply to stale alerts (stale_for)")
+        stale = dict.fromkeys(sorted(phases), seconds)
 
     def decorate(fn: Handler) -> Subscription:
         if isinstance(fn, Subscription):
@@ -259,6 +366,8 @@ def on(
             where=where,
             updates=updates,
             policy=policy,
+            stale_for=stale or None,
+            stale_only=bool(stale),
         )
 
     return decorate

@@ -108,6 +108,17 @@ class _Snapshot(Collector):
         reconcile = s.get("reconcile")
         if reconcile is not None:
             yield from _reconcile(reconcile)
+        stale = s.get("stale")
+        if stale is not None:
+            tasks = GaugeMetricFamily(
+                "phasewatch_tasks_stale",
+                "Tasks in a watched phase with no newer snapshot for its shortest stale_for,"
+                " per phase (alerted or not), as last counted.",
+                labels=["phase"],
+            )
+            for phase, count in sorted(stale["staleTasks"].items()):
+                tasks.add_metric([phase], count)
+            yield tasks
 
 
 RECONCILE_ERROR_KINDS = ("auth", "rate_limited", "server", "network", "response")

@@ -15,9 +15,41 @@ from typing import Any, Literal
 from consumer.core.model import Task
 from consumer.core.secrets import redact
 
-__all__ = ["ChangeKind", "ChangeRecord", "PhaseChange", "idempotency_key"]
+__all__ = [
+    "ChangeKind",
+    "ChangeRecord",
+    "PhaseChange",
+    "idempotency_key",
+    "stale_kind",
+    "stale_threshold_ms",
+]
 
-ChangeKind = Literal["phase", "update"]
+ChangeKind = Literal["phase", "update", "stale"]
+"""What a :class:`PhaseChange` is: ``"phase"`` (the phase moved), ``"update"`` (anything
+else of the materialized task changed), ``"stale"`` (the task stayed in its phase, with
+no newer snapshot, for as long as a subscription's ``stale_for``)."""
+
+_STALE_PREFIX = "stale:"
+
+
+def stale_kind(stale_for_ms: int) -> str:
+    """The outbox kind (:attr:`ChangeRecord.kind`) of a stale alert recorded once a task
+    stayed in its phase for ``stale_for_ms``: ``"stale:<ms>"``. The threshold is part of
+    the kind so that a subscription waiting 900 s is not handed the alert recorded for
+    one waiting 300 s; handlers see ``kind == "stale"``."""
+    if isinstance(stale_for_ms, bool) or not isinstance(stale_for_ms, int) or stale_for_ms <= 0:
+        raise ValueError(f"a stale threshold is a positive number of ms, not {stale_for_ms!r}")
+    return f"{_STALE_PREFIX}{stale_for_ms}"
+
+
+def stale_threshold_ms(kind: str) -> int | None:
+    """The threshold (ms) of an outbox kind made by :func:`stale_kind`; None for any
+    other kind (``"stale"`` alone included: a handler's view of one)."""
+    if not kind.startswith(_STALE_PREFIX):
+        return None
+    digits = kind[len(_STALE_PREFIX) :]
+    return int(digits) if digits.isdigit() else None
+
 
 _KEY_PREFIX = "pw1_"
 _KEY_HEX_CHARS = 32
@@ -66,7 +98,11 @@ class ChangeRecord:
     changed_at: int | float
     recorded_at: int  # Unix ms when phasewatch committed it
     task: dict[str, Any]  # the materialized task right after the change (not redacted)
-    kind: str = "phase"  # "phase": the phase moved; "update": anything else changed
+    # "phase": the phase moved; "update": anything else changed; "stale:<ms>" (see
+    # stale_kind): the task stayed in ``phase`` for that long after ``changed_at`` (its
+    # status.updatedAt) with no newer snapshot. A stale alert's ``previous_phase`` is its
+    # ``phase`` and its ``event_id`` the event whose snapshot has gone stale.
+    kind: str = "phase"
     # The W3C trace context of the request that delivered the event that made the change.
     traceparent: str | None = None
 
@@ -82,7 +118,11 @@ class PhaseChange:
 
     ``kind`` is ``"phase"`` when the materialized phase changed (``previous_phase`` ->
     ``phase``), ``"update"`` for any other change of the materialized task (progress,
-    output...), delivered only to subscriptions that ask for updates.
+    output...), delivered only to subscriptions that ask for updates, and ``"stale"``
+    when the task has stayed in ``phase`` with no newer snapshot for the subscription's
+    ``stale_for`` seconds after ``changed_at`` (delivered only to subscriptions with a
+    ``stale_for`` for that phase, once per snapshot: a newer snapshot in the same phase
+    starts a new wait; ``previous_phase`` is ``phase``).
     ``task`` is the materialized task right after the change, credentials hidden.
     ``changed_at`` is the snapshot's ``status.updatedAt`` (Unix ms); ``seq`` orders changes
     store-wide. ``attempt`` counts deliveries of this change to this handler (1 first).
@@ -138,7 +178,13 @@ class PhaseChange:
             raise ValueError("a change is built for a handler: its name must not be empty")
         if replay_run is not None and not replay_run:
             raise ValueError("a replay run id must not be empty")
-        kind: ChangeKind = "update" if record.kind == "update" else "phase"
+        kind: ChangeKind = (
+            "update"
+            if record.kind == "update"
+            else "stale"
+            if record.kind.startswith("stale")
+            else "phase"
+        )
         return cls(
             task_id=record.task_id,
             previous_phase=record.previous_phase,

@@ -12,7 +12,8 @@ A store keeps four things:
 * the **outbox**: the phase changes recorded, each with a store-wide ``seq`` (and the
   ``traceparent`` of the event that made it); and for each handler a cursor and
   delivery records;
-* **leases** and small **meta** notes (checkpoints).
+* **leases** and small **meta** notes (checkpoints);
+* the **stale alerts** recorded: ``(task, phase, updatedAt, stale_for)`` once each.
 
 Deciding what a batch does is :func:`~consumer.core.plan.plan_batch`, pure and shared,
 so backends differ only in how they read and write rows.
@@ -31,6 +32,7 @@ role                   methods                                            used b
                                                                           replay, API
 :class:`LeaseStore`    ``acquire_lease``, ``release_lease``               dispatch
 :class:`MetaStore`     ``get_meta``, ``set_meta``                         long jobs
+:class:`StaleStore`    ``record_stale``, ``count_stale``                  the sweeper
 =====================  =================================================  ===============
 
 The contract
@@ -64,6 +66,17 @@ have ended).
 **Within a task**, changes have increasing seqs in the order the fold made them, so a
 dispatcher that delivers per task in seq order delivers in fold order.
 
+**Stale alerts, once.** ``record_stale`` finds, in one transaction, the tasks that
+stayed in a phase with no newer snapshot for ``stale_for`` and records for each a change
+of kind ``stale:<ms>`` in the outbox (its seq taken like any change's, so the commit
+order rule holds) together with a note that this ``(task, phase, status.updatedAt,
+stale_for)`` was alerted, so it is never alerted again, whoever sweeps (a restart, two
+replicas at once). A newer snapshot (a new ``updatedAt``) is a new wait. Only tasks
+whose current state was reached live are watched: the last phase change recorded for
+the task led to the current phase, or an event with the current ``updatedAt`` came from
+a live source (not in :data:`REPLAYED_SOURCES`). So an import or a Kafka replay without
+``--fire-handlers`` (which records no change) never alerts.
+
 **Concurrency.** Every method is a coroutine, safe to call concurrently from one event
 loop; a backend serializes its own writes, or (PostgreSQL) makes concurrent ones safe by
 locking the tasks a batch folds, in id order. Several processes may share one store (a
@@ -88,6 +101,7 @@ from consumer.core.plan import Outcome
 from consumer.core.receipt import Receipt
 
 __all__ = [
+    "REPLAYED_SOURCES",
     "ChangeRecord",
     "Cursor",
     "Delivery",
@@ -104,6 +118,7 @@ __all__ = [
     "RebuildStore",
     "Receipt",
     "Rejected",
+    "StaleStore",
     "Store",
     "StoreOpenError",
     "StoreStats",
@@ -116,6 +131,12 @@ __all__ = [
     "receipts_of",
     "with_rejections",
 ]
+
+
+REPLAYED_SOURCES: tuple[str, ...] = ("import", "kafka-replay")
+"""History sources that fold the past (``phasewatch import``, ``replay kafka``): a task
+whose current snapshot arrived only from them is not watched for stale alerts unless
+that fold recorded its phase change (``--fire-handlers``)."""
 
 
 class StoreOpenError(Exception):
@@ -523,6 +544,28 @@ class MetaStore(Protocol):
         ...
 
 
+class StaleStore(Protocol):
+    """Stale alerts: tasks left in a phase (spec §7: Studio leaves a running task that
+    stopped reporting in "running" for good)."""
+
+    async def record_stale(
+        self, phase: str, stale_for_ms: int, now_ms: int, limit: int = 500
+    ) -> list[ChangeRecord]:
+        """In one transaction: the watched tasks (see the contract) in ``phase`` whose
+        ``status.updatedAt <= now_ms - stale_for_ms`` and whose ``(task, phase,
+        updatedAt, stale_for_ms)`` has no alert yet, at most ``limit`` (oldest first),
+        each recorded as a change of kind :func:`~consumer.core.change.stale_kind` (its
+        ``previous_phase`` is ``phase``, ``changed_at`` the ``updatedAt``, ``event_id``
+        the event whose snapshot went stale, ``recorded_at`` ``now_ms``) and noted as
+        alerted. Returns the changes recorded, in seq order."""
+        ...
+
+    async def count_stale(self, phase: str, stale_for_ms: int, now_ms: int) -> int:
+        """How many tasks are in ``phase`` with ``status.updatedAt <= now_ms -
+        stale_for_ms`` (watched or not, alerted or not): the gauge."""
+        ...
+
+
 class Store(
     IngestStore,
     ViewStore,
@@ -531,6 +574,7 @@ class Store(
     OutboxStore,
     LeaseStore,
     MetaStore,
+    StaleStore,
     Protocol,
 ):
     """A whole backend: every role, plus its lifecycle. Composition roots (the service,

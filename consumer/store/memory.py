@@ -10,12 +10,13 @@ import bisect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
-from consumer.core.change import ChangeRecord
+from consumer.core.change import ChangeRecord, stale_kind
 from consumer.core.codec import Event, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, dedup_key, plan_batch
 from consumer.core.receipt import Receipt
 from consumer.store.base import (
+    REPLAYED_SOURCES,
     Cursor,
     Delivery,
     DeliveryStatus,
@@ -48,6 +49,10 @@ class MemoryStore:
         self._meta: dict[str, str] = {}
         self._staged: dict[str, TaskState] = {}
         self._pruned_upto = 0
+        # Per task, the status.updatedAt values its live (not replayed) events carried.
+        self._live_at: dict[str, set[int | float]] = {}
+        # (task id, phase, stale_for_ms) -> the updatedAt last alerted.
+        self._stale: dict[tuple[str, str, int], int | float] = {}
 
     async def open(self) -> None:
         return None
@@ -93,6 +98,8 @@ class MemoryStore:
             self._events[dedup_key(event)] = entry
             if event.task_id is not None:
                 self._by_task.setdefault(event.task_id, []).append(entry)
+                if source not in REPLAYED_SOURCES and event.updated_at is not None:
+                    self._live_at.setdefault(event.task_id, set()).add(event.updated_at)
         self._states.update(plan.states)
         for task_id in plan.states:
             self._versions.setdefault(task_id, 0)
@@ -303,6 +310,53 @@ class MemoryStore:
             for name, (owner, expires_at) in self._leases.items()
             if name.startswith(prefix) and expires_at >= now_ms
         }
+
+    async def record_stale(
+        self, phase: str, stale_for_ms: int, now_ms: int, limit: int = 500
+    ) -> list[ChangeRecord]:
+        kind = stale_kind(stale_for_ms)
+        cutoff = now_ms - stale_for_ms
+        last_phase: dict[str, str] = {}
+        for seq in sorted(self._changes):
+            change = self._changes[seq]
+            if change.kind == "phase":
+                last_phase[change.task_id] = change.phase
+        due = sorted(
+            (
+                s
+                for s in self._states.values()
+                if s.phase == phase
+                and s.updated_at <= cutoff
+                and self._stale.get((s.task_id, phase, stale_for_ms)) != s.updated_at
+                and (
+                    last_phase.get(s.task_id) == phase
+                    or s.updated_at in self._live_at.get(s.task_id, ())
+                )
+            ),
+            key=lambda s: (s.updated_at, s.task_id),
+        )[:limit]
+        recorded = []
+        for state in due:
+            self._last_change += 1
+            record = ChangeRecord(
+                self._last_change,
+                state.task_id,
+                state.status_key[2],
+                phase,
+                phase,
+                state.updated_at,
+                now_ms,
+                dict(state.task),
+                kind,
+            )
+            self._changes[self._last_change] = record
+            self._stale[(state.task_id, phase, stale_for_ms)] = state.updated_at
+            recorded.append(record)
+        return recorded
+
+    async def count_stale(self, phase: str, stale_for_ms: int, now_ms: int) -> int:
+        cutoff = now_ms - stale_for_ms
+        return sum(1 for s in self._states.values() if s.phase == phase and s.updated_at <= cutoff)
 
     async def stats(self) -> StoreStats:
         return StoreStats(

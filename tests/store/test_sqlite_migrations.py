@@ -25,7 +25,7 @@ from consumer.store.sqlite.schema import SCHEMA, SCHEMA_VERSION
 from consumer.store.sqlite.store import SQLiteStore
 from tests.support import deliveries, snapshot, webhook_body
 
-STEP_1, STEP_2, STEP_3 = MIGRATIONS
+STEP_1, STEP_2, STEP_3, STEP_4 = MIGRATIONS
 
 # Version 1's tables and the columns they had: what a version-1 database holds.
 _V1_COLUMNS = {
@@ -165,7 +165,7 @@ def down_to_version_1(source: Path, target: Path, version: int) -> None:
 
 def test_the_steps_are_numbered_and_the_version_is_the_last() -> None:
     check_steps(MIGRATIONS)
-    assert SCHEMA_VERSION == len(MIGRATIONS) == 3
+    assert SCHEMA_VERSION == len(MIGRATIONS) == 4
     assert all(statements(m.sql) for m in MIGRATIONS)
     assert statements("CREATE TABLE a (b TEXT DEFAULT ';');\n\nINSERT INTO a VALUES (';');") == [
         "CREATE TABLE a (b TEXT DEFAULT ';');",
@@ -223,7 +223,7 @@ async def test_a_version_1_database_reads_back_the_same_and_keeps_ingesting(
     reference = SQLiteStore(tmp_path / "reference.db", record_updates=True)
     await reference.open()
     try:
-        assert store.migrations_applied == [STEP_2, STEP_3]
+        assert store.migrations_applied == [STEP_2, STEP_3, STEP_4]
         before = await read_everything(store)
         assert before == await read_everything(reference)
         # Not vacuous: the fixture's tasks, their history, changes and deliveries are there.
@@ -318,7 +318,7 @@ async def test_a_version_2_database_gets_receipts_and_keeps_its_data(tmp_path: P
     reference = SQLiteStore(tmp_path / "reference.db", record_updates=True)
     await reference.open()
     try:
-        assert store.migrations_applied == [STEP_3]
+        assert store.migrations_applied == [STEP_3, STEP_4]
         before = await read_everything(store)
         assert before == await read_everything(reference)
         assert before["stats"].events == 275 and len(before["ids"]) == 40
@@ -369,22 +369,22 @@ async def test_an_unversioned_database_is_version_1(
     store = SQLiteStore(path)
     await store.open()
     try:
-        assert store.migrations_applied == [STEP_2, STEP_3]
+        assert store.migrations_applied == [STEP_2, STEP_3, STEP_4]
         assert [(h.seq, h.event_id) for h in await store.task_history("T")] == [(1, "e1")]
         assert await store.task_ids_after(None) == ["T"]
     finally:
         await store.close()
     logged = [r.getMessage() for r in caplog.records if "schema migration" in r.getMessage()]
-    assert len(logged) == 2 and "schema migration 2" in logged[0] and str(path) in logged[0]
-    assert "schema migration 3" in logged[1]
-    assert user_version(path) == 3
+    assert len(logged) == 3 and "schema migration 2" in logged[0] and str(path) in logged[0]
+    assert "schema migration 3" in logged[1] and "schema migration 4" in logged[2]
+    assert user_version(path) == 4
 
 
 async def test_a_database_newer_than_the_code_is_refused_as_it_is(tmp_path: Path) -> None:
     path = tmp_path / "future.db"
     run_step_1(path, 0)
     with sqlite3.connect(path) as con:
-        con.execute("PRAGMA user_version = 4")
+        con.execute("PRAGMA user_version = 5")
     content = path.read_bytes()
     store = SQLiteStore(path)
     with pytest.raises(StoreOpenError) as raised:
@@ -392,7 +392,7 @@ async def test_a_database_newer_than_the_code_is_refused_as_it_is(tmp_path: Path
     await store.close()
     message = str(raised.value)
     assert "\n" not in message and str(path) in message
-    assert "schema 4, newer than this version's 3" in message
+    assert "schema 5, newer than this version's 4" in message
     assert store.migrations_applied == []
     assert path.read_bytes() == content
 
@@ -409,7 +409,7 @@ async def test_migrate_false_refuses_pending_steps_and_opens_an_up_to_date_file(
         await store.close()
         message = str(raised.value)
         assert "\n" not in message and str(old) in message
-        assert "schema 1, this version needs 3" in message and "phasewatch migrate" in message
+        assert "schema 1, this version needs 4" in message and "phasewatch migrate" in message
         assert user_version(old) == 0 and old.read_bytes() == content
 
     missing = tmp_path / "sub" / "missing.db"
@@ -482,7 +482,9 @@ def _empty_database(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("make", "steps"), [(_version_1_file, [2, 3]), (_empty_database, [1, 2, 3])], ids=["v1", "v0"]
+    ("make", "steps"),
+    [(_version_1_file, [2, 3, 4]), (_empty_database, [1, 2, 3, 4])],
+    ids=["v1", "v0"],
 )
 def test_two_stores_opening_one_file_at_once_apply_each_step_once(
     tmp_path: Path, make: Any, steps: list[int]
@@ -526,5 +528,5 @@ def test_two_processes_opening_a_version_1_file_at_once_migrate_it_once(tmp_path
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     # Each step once, by either opener (one may take step 3 while the other took step 2).
-    assert sorted(v for applied_here in results for v in applied_here) == [2, 3]
+    assert sorted(v for applied_here in results for v in applied_here) == [2, 3, 4]
     assert user_version(path) == SCHEMA_VERSION

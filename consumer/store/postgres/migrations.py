@@ -148,8 +148,23 @@ ALTER TABLE events ADD COLUMN receipt text;
 ALTER TABLE changes ADD COLUMN traceparent text;
 """
 
+# Step 3: stale alerts. One row per (task, phase, status.updatedAt, threshold) the
+# sweeper alerted on, with the seq of the change it recorded: written with that change,
+# under the task's row lock, so each is alerted once whichever replica sweeps.
+_STALE_ALERTS = """
+CREATE TABLE stale_alerts (
+    task_id      text   NOT NULL,
+    phase        text   NOT NULL,
+    updated_at   double precision NOT NULL,
+    stale_for_ms bigint NOT NULL,
+    seq          bigint NOT NULL,
+    PRIMARY KEY (task_id, phase, updated_at, stale_for_ms)
+);
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "history, view, outbox, deliveries, leases", _INITIAL),
     Migration(2, "receipts in the history, traceparent in the outbox", _RECEIPTS),
+    Migration(3, "stale alerts", _STALE_ALERTS),
 ]
 check_steps(MIGRATIONS)

@@ -46,12 +46,13 @@ import asyncpg
 import orjson
 from yarl import URL
 
-from consumer.core.change import ChangeRecord
+from consumer.core.change import ChangeRecord, stale_kind
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import DedupKey, decode_keys, encode_keys, plan_batch
 from consumer.core.receipt import Receipt
 from consumer.store.base import (
+    REPLAYED_SOURCES,
     Cursor,
     Delivery,
     DeliveryStatus,
@@ -528,6 +529,82 @@ class PostgresStore:
     async def discard_rebuilt(self) -> None:
         await self._write(lambda con: con.execute("DELETE FROM tasks_rebuild"))
 
+    # ------------------------------------------------------------ stale alerts
+
+    async def record_stale(
+        self, phase: str, stale_for_ms: int, now_ms: int, limit: int = 500
+    ) -> list[ChangeRecord]:
+        kind = stale_kind(stale_for_ms)
+        cutoff = float(now_ms - stale_for_ms)
+        replayed = list(REPLAYED_SOURCES)
+
+        async def run(con: asyncpg.Connection) -> list[ChangeRecord]:
+            found = await con.fetch(_STALE_DUE, phase, cutoff, stale_for_ms, replayed, limit)
+            if not found:
+                return []
+            # Lock the tasks as an ingest does (task_ids rows, in id order), then read the
+            # view again: an ingest that held a lock first has committed, and what it
+            # moved on (or another sweeper alerted) drops out.
+            await con.execute(
+                "SELECT 1 FROM task_ids WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                [row[0] for row in found],
+            )
+            due = await con.fetch(
+                _STALE_DUE_AMONG, phase, cutoff, stale_for_ms, replayed, [row[0] for row in found]
+            )
+            if not due:
+                return []
+            ids = [row[0] for row in due]
+            times = [row[1] for row in due]
+            events = [decode_keys(row[3])["status"][2] for row in due]
+            await con.execute(
+                "DELETE FROM stale_alerts AS a USING unnest($1::text[], $2::float8[])"
+                " AS u(id, at) WHERE a.task_id = u.id AND a.phase = $3"
+                " AND a.stale_for_ms = $4 AND a.updated_at < u.at",
+                ids,
+                times,
+                phase,
+                stale_for_ms,
+            )
+            # Last: the seqs (the counters row lock, held until COMMIT), as an ingest.
+            top: int = await con.fetchval(
+                _WRITE_STALE,
+                len(due),
+                phase,
+                stale_for_ms,
+                ids,
+                times,
+                events,
+                [row[2] for row in due],
+                now_ms,
+                kind,
+            )
+            base = top - len(due)
+            return [
+                ChangeRecord(
+                    base + n,
+                    row[0],
+                    event_id,
+                    phase,
+                    phase,
+                    _number(row[1]),
+                    now_ms,
+                    orjson.loads(row[2]),
+                    kind,
+                )
+                for n, (row, event_id) in enumerate(zip(due, events, strict=True), 1)
+            ]
+
+        return await self._write(run)
+
+    async def count_stale(self, phase: str, stale_for_ms: int, now_ms: int) -> int:
+        rows = await self._fetch(
+            "SELECT count(*) FROM tasks WHERE phase = $1 AND updated_at <= $2",
+            phase,
+            float(now_ms - stale_for_ms),
+        )
+        return int(rows[0][0])
+
     # ------------------------------------------------------------ change wake-ups
 
     async def listen_changes(self, wake: Callable[[], None]) -> None:
@@ -813,6 +890,49 @@ WITH up AS (
 -- Wakes every replica's dispatcher at COMMIT (notifications of one transaction fold).
 SELECT events, changes, CASE WHEN $9 > 0 THEN pg_notify('phasewatch_changes', '') END
 FROM alloc
+"""
+# The tasks due a stale alert (see StaleStore.record_stale), oldest first: in the phase
+# since the cutoff or before (tasks_by_phase), not alerted for this updatedAt and
+# threshold, and watched: the task's last recorded phase change led here, or a live
+# event (a source not in $4) carried the current updatedAt. $1 phase, $2 cutoff, $3 the
+# threshold (ms), $4 the replayed sources, $5 the limit or the ids to look among.
+_STALE_WHERE = """
+    t.phase = $1 AND t.updated_at <= $2
+    AND NOT EXISTS (SELECT 1 FROM stale_alerts AS a WHERE a.task_id = t.id
+        AND a.phase = $1 AND a.updated_at = t.updated_at AND a.stale_for_ms = $3)
+    AND ((SELECT c.phase FROM changes AS c WHERE c.task_id = t.id AND c.kind = 'phase'
+          ORDER BY c.seq DESC LIMIT 1) = $1
+         OR EXISTS (SELECT 1 FROM events AS e WHERE e.task_id = t.id
+             AND e.updated_at = t.updated_at AND e.source <> ALL($4::text[])))
+"""
+_STALE_DUE = (
+    "SELECT t.id FROM tasks AS t WHERE"  # noqa: S608 - constants only
+    + _STALE_WHERE
+    + "ORDER BY t.updated_at, t.id LIMIT $5"
+)
+_STALE_DUE_AMONG = (
+    "SELECT t.id, t.updated_at, t.doc, t.keys FROM tasks AS t WHERE"  # noqa: S608
+    + _STALE_WHERE
+    + "AND t.id = ANY($5::text[]) ORDER BY t.updated_at, t.id"
+)
+# $1 how many; $2 phase; $3 threshold; $4-$7 task ids, updatedAts, event ids, tasks;
+# $8 the sweep's time; $9 the kind.
+_WRITE_STALE = """
+WITH alloc AS (
+    UPDATE counters SET changes = changes + $1 RETURNING changes
+), alerts AS (
+    INSERT INTO stale_alerts (task_id, phase, updated_at, stale_for_ms, seq)
+    SELECT u.task_id, $2, u.updated_at, $3, alloc.changes - $1 + u.n
+    FROM alloc, unnest($4::text[], $5::float8[]) WITH ORDINALITY AS u(task_id, updated_at, n)
+), ch AS (
+    INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,
+                         recorded_at, task, kind)
+    SELECT alloc.changes - $1 + u.n, u.task_id, u.event_id, $2, $2, u.updated_at, $8,
+           u.task, $9
+    FROM alloc, unnest($4::text[], $6::text[], $5::float8[], $7::bytea[])
+         WITH ORDINALITY AS u(task_id, event_id, updated_at, task, n)
+)
+SELECT changes, pg_notify('phasewatch_changes', '') FROM alloc
 """
 _STAGE = (
     "INSERT INTO tasks_rebuild (id, type, phase, updated_at, doc, keys)"

@@ -245,12 +245,28 @@ ALTER TABLE events ADD COLUMN receipt TEXT;
 ALTER TABLE changes ADD COLUMN traceparent TEXT;
 """
 
+# Version 4: stale alerts. One row per (task, phase, status.updatedAt, threshold) the
+# sweeper alerted on, with the seq of the change it recorded, so that each is alerted
+# once whoever sweeps. By task number (the locality note in schema.py), without rowid:
+# the primary key is the only lookup. A new table: no row is rewritten.
+_TO_V4 = """
+CREATE TABLE stale_alerts (
+    task_no      INTEGER NOT NULL,
+    phase        TEXT    NOT NULL,
+    updated_at   NUMERIC NOT NULL,
+    stale_for_ms INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (task_no, phase, updated_at, stale_for_ms)
+) WITHOUT ROWID;
+"""
+
 MIGRATIONS: list[Migration] = [
     Migration(1, "history, view, outbox, deliveries, leases (by task id)", _V1),
     Migration(
         2, "number tasks; history and outbox by task number, dedup within a task", _V1 + _TO_V2
     ),
     Migration(3, "receipts in the history, traceparent in the outbox", _TO_V3),
+    Migration(4, "stale alerts", _TO_V4),
 ]
 check_steps(MIGRATIONS)
 

@@ -114,6 +114,14 @@ CREATE TABLE IF NOT EXISTS leases (
     owner      TEXT    NOT NULL,
     expires_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stale_alerts (
+    task_no      INTEGER NOT NULL,
+    phase        TEXT    NOT NULL,
+    updated_at   NUMERIC NOT NULL,
+    stale_for_ms INTEGER NOT NULL,
+    seq          INTEGER NOT NULL,
+    PRIMARY KEY (task_no, phase, updated_at, stale_for_ms)
+) WITHOUT ROWID;
 """
 
 CHUNK = 500  # stays far below SQLite's bound-parameter limit

@@ -28,12 +28,13 @@ from typing import Any, Literal, TypeVar
 
 import orjson
 
-from consumer.core.change import ChangeRecord
+from consumer.core.change import ChangeRecord, stale_kind
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import decode_keys, dedup_key, plan_batch
 from consumer.core.receipt import Receipt
 from consumer.store.base import (
+    REPLAYED_SOURCES,
     Cursor,
     Delivery,
     DeliveryStatus,
@@ -417,7 +418,7 @@ class SQLiteStore:
 
     # ------------------------------------------------------------ reads
 
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _read(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
         def run() -> list[Any]:
             return self._r().execute(sql, params).fetchall()
 
@@ -658,6 +659,80 @@ class SQLiteStore:
         rows = await self._read(sql, [*params, limit])
         return [_delivery(row) for row in rows]
 
+    async def record_stale(
+        self, phase: str, stale_for_ms: int, now_ms: int, limit: int = 500
+    ) -> list[ChangeRecord]:
+        kind = stale_kind(stale_for_ms)
+        params: dict[str, Any] = {
+            "phase": phase,
+            "cutoff": now_ms - stale_for_ms,
+            "ms": stale_for_ms,
+            "limit": limit,
+            "replayed": orjson.dumps(REPLAYED_SOURCES).decode(),
+        }
+
+        def run(con: sqlite3.Connection) -> list[ChangeRecord]:
+            # Under the write lock: no ingest can move these tasks on meanwhile.
+            due = con.execute(_STALE_DUE, params).fetchall()
+            if not due:
+                return []
+            row = con.execute("SELECT seq FROM sqlite_sequence WHERE name = 'changes'").fetchone()
+            base: int = row[0] if row else 0
+            records: list[ChangeRecord] = []
+            changes: list[tuple[Any, ...]] = []
+            alerts: list[tuple[Any, ...]] = []
+            for seq, (no, task_id, updated_at, doc, keys) in enumerate(due, base + 1):
+                event_id = decode_keys(keys)["status"][2]
+                changes.append(
+                    (seq, no, task_id, event_id, phase, phase, updated_at, now_ms, doc, kind)
+                )
+                alerts.append((no, phase, updated_at, stale_for_ms, seq))
+                records.append(
+                    ChangeRecord(
+                        seq,
+                        task_id,
+                        event_id,
+                        phase,
+                        phase,
+                        updated_at,
+                        now_ms,
+                        orjson.loads(doc),
+                        kind,
+                    )
+                )
+            con.executemany(
+                "INSERT INTO changes (seq, task_no, task_id, event_id, previous_phase, phase,"
+                " changed_at, recorded_at, task, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                changes,
+            )
+            # The task's earlier waits in this phase can never match again (its
+            # updatedAt only grows): one row per (task, phase, threshold) is kept.
+            con.executemany(
+                "DELETE FROM stale_alerts WHERE task_no = ? AND phase = ? AND updated_at < ?"
+                " AND stale_for_ms = ?",
+                [a[:4] for a in alerts],
+            )
+            con.executemany(
+                "INSERT INTO stale_alerts (task_no, phase, updated_at, stale_for_ms, seq)"
+                " VALUES (?, ?, ?, ?, ?)",
+                alerts,
+            )
+            return records
+
+        # A look first, on the reader: most sweeps find nothing due, and need not take
+        # the write lock (ingestion waits on it) to say so. Anything committed after the
+        # look is found by the next sweep.
+        if not await self._read(_STALE_DUE, {**params, "limit": 1}):
+            return []
+        return await self._write(run)
+
+    async def count_stale(self, phase: str, stale_for_ms: int, now_ms: int) -> int:
+        rows = await self._read(
+            "SELECT count(*) FROM tasks WHERE phase = ? AND updated_at <= ?",
+            (phase, now_ms - stale_for_ms),
+        )
+        return int(rows[0][0])
+
     async def stats(self) -> StoreStats:
         rows = await self._read(
             "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM tasks),"
@@ -719,6 +794,23 @@ _EVENT_COLUMNS = (
 _DELIVERY_COLUMNS = (
     "SELECT handler, seq, status, attempts, first_attempt_at, last_attempt_at, error, replay"
     " FROM deliveries"
+)
+
+# The tasks due a stale alert (see StaleStore.record_stale), oldest first: in the phase
+# since the cutoff or before (tasks_by_phase), not alerted for this updatedAt and
+# threshold, and watched: the task's last recorded phase change led here, or a live
+# event carried the current updatedAt.
+_STALE_DUE = (
+    "SELECT t.no, t.id, t.updated_at, t.doc, t.keys FROM tasks AS t"
+    " WHERE t.phase = :phase AND t.updated_at <= :cutoff"
+    " AND NOT EXISTS (SELECT 1 FROM stale_alerts AS a WHERE a.task_no = t.no"
+    " AND a.phase = :phase AND a.updated_at = t.updated_at AND a.stale_for_ms = :ms)"
+    " AND ((SELECT c.phase FROM changes AS c WHERE c.task_no = t.no AND c.kind = 'phase'"
+    " ORDER BY c.seq DESC LIMIT 1) = :phase"
+    " OR EXISTS (SELECT 1 FROM events AS e WHERE e.task_no = t.no"
+    " AND e.updated_at = t.updated_at"
+    " AND e.source NOT IN (SELECT value FROM json_each(:replayed))))"
+    " ORDER BY t.updated_at, t.id LIMIT :limit"
 )
 
 
