@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from consumer import tracing
 from consumer.api.app import HttpConfig, build_app
 from consumer.api.changes import ChangeFeed, StreamConfig
 from consumer.changes_retention import RetentionLoop
@@ -285,7 +286,18 @@ def _reconcile_loop(
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    """Run until SIGINT/SIGTERM, then stop gracefully. Tracing (the ``otel`` extra and
+    the ``OTEL_*`` variables, see :mod:`consumer.tracing`) is set up first, and its last
+    spans exported once everything has stopped."""
+    tracing.configure()
+    try:
+        await _serve(settings)
+    finally:
+        if tracing.enabled():
+            await asyncio.to_thread(tracing.shutdown)
+
+
+async def _serve(settings: Settings) -> None:
     # Signals first: a SIGTERM that arrives while the store opens (a rolling restart)
     # still stops the service cleanly instead of killing it.
     stop = asyncio.Event()

@@ -13,7 +13,11 @@ credentials live, are never sent. Requests are signed as Standard Webhooks
 
 It is the same on every retry, redelivery and replica, differs per handler name and per
 replay run, so the receiver can deduplicate on it; ``webhook-attempt`` counts
-deliveries of the change.
+deliveries of the change. ``traceparent`` is the change's
+:attr:`~consumer.PhaseChange.traceparent`, when it has one: with tracing on
+(:mod:`consumer.tracing`), the context of this attempt's ``handler.deliver`` span;
+otherwise the webhook request's own. The body does not carry it (it is the same on
+every attempt).
 
 How a response is judged, so that the dispatcher retries only what retrying can fix:
 
@@ -113,6 +117,8 @@ class _Notifier:
             "webhook-signature": sign(self._key, msg_id, timestamp, body),
             "webhook-attempt": str(change.attempt),
         }
+        if change.traceparent is not None:
+            headers["traceparent"] = change.traceparent
         what = f"{self._name}: POST change {change.seq} ({msg_id}) to {self.target}"
         started = time.monotonic()
         try:

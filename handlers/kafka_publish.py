@@ -5,7 +5,9 @@ the change's :meth:`~consumer.PhaseChange.summary` as compact JSON (credentials 
 hidden), ``idempotencyKey`` included. Headers: ``idempotency-key`` (the change's
 :attr:`~consumer.PhaseChange.idempotency_key`), ``phasewatch.kind`` (``phase`` or
 ``update``), ``phasewatch.phase`` and ``phasewatch.seq``, so consumers can route and
-deduplicate without parsing the value.
+deduplicate without parsing the value; and ``traceparent``, the change's
+:attr:`~consumer.PhaseChange.traceparent` when it has one (with tracing on, see
+:mod:`consumer.tracing`, the context of this attempt's ``handler.deliver`` span).
 
 The producer (:class:`consumer.KafkaPublisher`: ``acks=all``, idempotent) is started by
 the subscription's ``on_start`` and stopped by ``on_stop``; a call returns once the
@@ -65,16 +67,19 @@ class _Publisher:
             # Normally started by on_start; starting here also recovers from a broker that
             # was unreachable when the service started.
             await self.start()
+        headers = [
+            ("idempotency-key", change.idempotency_key.encode()),
+            ("phasewatch.kind", change.kind.encode()),
+            ("phasewatch.phase", change.phase.encode()),
+            ("phasewatch.seq", str(change.seq).encode()),
+        ]
+        if change.traceparent is not None:
+            headers.append(("traceparent", change.traceparent.encode()))
         await self._publisher.publish(
             self._topic,
             orjson.dumps(change.summary()),
             key=change.task_id.encode(),
-            headers=(
-                ("idempotency-key", change.idempotency_key.encode()),
-                ("phasewatch.kind", change.kind.encode()),
-                ("phasewatch.phase", change.phase.encode()),
-                ("phasewatch.seq", str(change.seq).encode()),
-            ),
+            headers=headers,
         )
         log.debug("published seq %d of task %s to %s", change.seq, change.task_id, self._topic)
 

@@ -96,6 +96,7 @@ from typing import Any
 
 import orjson
 
+from consumer import tracing
 from consumer.core.backoff import Backoff, Retries
 from consumer.core.change import ChangeRecord, PhaseChange
 from consumer.core.secrets import describe_error
@@ -953,8 +954,11 @@ class Dispatcher:
                 track.busy.add(task_id)
                 feed.stats.in_flight += 1
                 try:
-                    # On the handler's own loop: this loop (the receiver's) only waits.
-                    await thread.run(lambda: sub.fn(c), sub.policy.timeout_s)
+                    # With tracing on, a handler.deliver span per attempt: current where
+                    # the handler runs, and the change's traceparent.
+                    with tracing.delivering(sub.name, c) as span:
+                        # On the handler's own loop: this loop (the receiver's) only waits.
+                        await thread.run(span.call(sub.fn, c), sub.policy.timeout_s)
                 except BaseException:
                     track.busy.discard(task_id)
                     slot.give_back()

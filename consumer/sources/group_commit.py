@@ -13,7 +13,9 @@ store cannot take does not fail its neighbours.
 
 Each submission may carry a :class:`~consumer.core.receipt.Receipt` (which webhook
 secret verified it, the request's trace context); it goes to the store with its message,
-by position, on the batch path and the one-by-one retry alike.
+by position, on the batch path and the one-by-one retry alike. With tracing on
+(:mod:`consumer.tracing`) each commit is a ``store.commit`` span linked to the requests
+whose receipts carry a trace context.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from consumer import tracing
 from consumer.core.change import ChangeRecord
 from consumer.core.plan import Outcome
 from consumer.core.receipt import Receipt
@@ -126,13 +129,17 @@ class Ingestor:
     async def _commit(self, batch: list[_Pending]) -> None:
         receipts = [p.receipt for p in batch]
         try:
-            result = await self._store.ingest_raw(
-                [p.raw for p in batch],
-                self._source,
-                now_ms(),
-                # None when no message has one: what a store without receipts is given.
-                receipts=receipts if any(r is not None for r in receipts) else None,
-            )
+            # With tracing on, a store.commit span linked to the requests it carries; it
+            # ends with this attempt (a one-by-one retry is a commit, and a span, of its own).
+            with tracing.committing(self._source, receipts) as span:
+                result = await self._store.ingest_raw(
+                    [p.raw for p in batch],
+                    self._source,
+                    now_ms(),
+                    # None when no message has one: what a store without receipts is given.
+                    receipts=receipts if any(r is not None for r in receipts) else None,
+                )
+                span.committed(result.outcomes, len(result.changes))
         except Exception as exc:
             if len(batch) == 1:
                 log.exception("store could not commit a message of %d bytes", len(batch[0].raw))

@@ -20,7 +20,10 @@ itself sends none), against every configured secret (constant time across the li
 400. The body goes to an :class:`EventSink` (the store's group-commit ingestor, or a
 Kafka topic in forward mode), which decodes it where it is stored, with its
 :class:`~consumer.core.receipt.Receipt`: the name (or index) of the secret that verified
-it, and the request's ``traceparent`` header when it is a valid W3C one.
+it, and the request's ``traceparent`` header when it is a valid W3C one. With tracing on
+(:mod:`consumer.tracing`), each request is a ``webhook.receive`` span continuing that
+header, and the receipt keeps the span's own context instead, so that the commit and
+the deliveries it leads to join the request's trace.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from consumer import tracing
 from consumer.api.responses import bad_encoding, error, json_response
 from consumer.core.codec import HTTP_STATUS
 from consumer.core.receipt import Receipt, valid_traceparent
@@ -84,19 +88,36 @@ def webhook_handler(sink: EventSink, config: WebhookConfig) -> RequestHandler:
 
 
 async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig) -> web.Response:
+    trace = tracing.receiving(*_incoming_trace(request)) if tracing.enabled() else None
+    if trace is None:
+        response, _ = await _answer(request, sink, config, None)
+        return response
+    with trace:
+        response, outcome = await _answer(request, sink, config, trace)
+        trace.answered(response.status, outcome)
+        return response
+
+
+async def _answer(
+    request: web.Request,
+    sink: EventSink,
+    config: WebhookConfig,
+    trace: tracing.ReceiveSpan | None,
+) -> tuple[web.Response, str]:
+    """The answer, and what it says in a word (the status, or the error code)."""
     length = request.content_length
     if length is not None and length > config.max_body_bytes:
-        return _too_large(config)
+        return _too_large(config), "too_large"
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _too_large(config)
+        return _too_large(config), "too_large"
     except web.RequestPayloadError:
-        return bad_encoding()
+        return bad_encoding(), "bad_encoding"
     try:
         body = decoded(body, request.headers.get("Content-Encoding"), config.max_body_bytes)
     except BadBody as exc:
-        return error(exc.status, exc.code, str(exc))
+        return error(exc.status, exc.code, str(exc)), exc.code
     verified_by: str | None = None
     if config.secrets:
         try:
@@ -108,9 +129,11 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
                 tolerance_ms=config.tolerance_ms,
             )
         except SignatureError as exc:
-            return error(401, "bad_signature", str(exc))
+            return error(401, "bad_signature", str(exc)), "bad_signature"
         verified_by = secret.name
-    receipt = _receipt(request, verified_by)
+    if trace is not None:
+        trace.verified(body, verified_by)
+    receipt = _receipt(request, verified_by, trace)
     try:
         # Decoded where it is stored (by default in the writer process): a body that is
         # not an event comes back rejected, with what is wrong.
@@ -118,17 +141,39 @@ async def _receive(request: web.Request, sink: EventSink, config: WebhookConfig)
     except Exception:
         # Our fault, not the sender's: 503 so Livepeer retries later.
         log.exception("could not make a webhook body durable")
-        return error(503, "store_unavailable", "event not committed; retry later")
+        message = "event not committed; retry later"
+        return error(503, "store_unavailable", message), "store_unavailable"
     if isinstance(outcome, Rejected):
-        return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message)
-    return json_response({"status": str(outcome)})
+        return error(HTTP_STATUS[outcome.reason], outcome.reason, outcome.message), outcome.reason
+    return json_response({"status": str(outcome)}), str(outcome)
 
 
-def _receipt(request: web.Request, verified_by: str | None) -> Receipt | None:
+def _single(request: web.Request, name: str) -> str | None:
+    """The value of header ``name`` when the request carries it exactly once."""
+    found = request.headers.getall(name, [])
+    return found[0] if len(found) == 1 else None
+
+
+def _incoming_trace(request: web.Request) -> tuple[str | None, str | None]:
+    """The request's W3C trace context: exactly one valid ``traceparent`` (normalised to
+    version 00), and its ``tracestate``; (None, None) without one."""
+    traceparent = valid_traceparent(_single(request, "traceparent"))
+    if traceparent is None:
+        return None, None
+    return traceparent, _single(request, "tracestate")
+
+
+def _receipt(
+    request: web.Request, verified_by: str | None, trace: tracing.ReceiveSpan | None
+) -> Receipt | None:
     """What the history keeps of how this delivery came: the secret's name, and the W3C
-    trace context when the request carries exactly one valid ``traceparent``."""
-    found = request.headers.getall("traceparent", [])
-    traceparent = valid_traceparent(found[0]) if len(found) == 1 else None
+    trace context: with tracing on, the ``webhook.receive`` span's (so that the changes
+    the event causes point at this request's span), else the request's own when it
+    carries exactly one valid ``traceparent``."""
+    if trace is not None:
+        traceparent = trace.traceparent()
+    else:
+        traceparent = valid_traceparent(_single(request, "traceparent"))
     if verified_by is None and traceparent is None:
         return None
     return Receipt(verified_by, traceparent)
