@@ -129,7 +129,9 @@ class PhaseChange:
     ``replay`` is True when the change is re-run by ``phasewatch replay handlers``.
     ``traceparent`` is the W3C trace context (``00-<trace id>-<parent id>-<flags>``) of
     the request that delivered the event that made the change, when it carried a valid
-    one; None otherwise (Kafka, imports, an untraced sender). It is not part of the
+    one; None otherwise (Kafka, imports, an untraced sender). With tracing on
+    (:mod:`consumer.tracing`), a handler gets instead the context of this delivery
+    attempt's ``handler.deliver`` span, a child of the webhook's. It is not part of the
     idempotency key.
 
     ``idempotency_key`` (``pw1_`` and 32 hex digits, see :func:`idempotency_key`) names
