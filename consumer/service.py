@@ -111,6 +111,7 @@ class Service:
                 heartbeat_s=settings.changes_heartbeat_s,
                 max_buffer_bytes=settings.changes_stream_max_buffer_bytes,
                 drain_timeout_s=settings.changes_stream_drain_timeout_s,
+                linger_s=settings.changes_linger_s,
             )
         )
         self.retention = RetentionLoop(

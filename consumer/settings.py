@@ -304,6 +304,13 @@ class Settings(BaseSettings):
         gt=0,
         description="A /changes/stream client that takes longer to take a write is dropped.",
     )
+    changes_linger_s: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="Feed readers are woken at most this often: under load, one wake "
+        "carries the commits of this span (less CPU per stream, at most this much later).",
+    )
 
     @field_validator("changes_retention")
     @classmethod

@@ -63,6 +63,7 @@ STREAM_BATCH = 500  # rows a stream reads at a time
 _CURSOR_PREFIX = b"pw1:"
 _MAX_CURSOR_CHARS = 40
 _MAX_SEQ = 2**63
+_NEVER_PAUSES = 60 * 1024  # below asyncio's default high-water mark, with chunk framing
 GONE_MESSAGE = (
     "the cursor is older than the oldest change retained (PHASEWATCH_CHANGES_RETENTION): "
     "changes after it were pruned. Re-list the tasks (GET /tasks), then resume from "
@@ -97,6 +98,7 @@ class StreamConfig:
     heartbeat_s: float = 15.0  # a comment line this often while nothing is sent
     max_buffer_bytes: int = 1 << 20  # a connection buffering more than this is dropped
     drain_timeout_s: float = 10.0  # a write not drained in this time drops the client
+    linger_s: float = 0.02  # readers are woken at most this often (commits coalesce)
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ class _Batch:
     oldest: int  # the store's oldest_change_seq, read after the rows
     _docs: dict[int, dict[str, Any]] = field(default_factory=dict)
     _events: dict[int, bytes] = field(default_factory=dict)
+    _streamed: dict[ChangeFilter, bytes] = field(default_factory=dict)
 
     def gone(self, after: int) -> bool:
         """Whether changes past ``after`` were pruned (by the time the rows were read)."""
@@ -126,6 +129,25 @@ class _Batch:
                 doc["cursor"].encode(),
                 orjson.dumps(doc),
             )
+        return found
+
+    def stream_bytes(self, flt: ChangeFilter) -> bytes:
+        """What a stream with filter ``flt`` sends for these rows: the events it
+        matches and, when rows past the last of them matched nothing, an id-only block
+        (which fires no event) so that the client's Last-Event-ID moves past them and
+        it never reads them again. Made once per filter: streams with the same filter
+        (most, at the head of the feed) share it."""
+        found = self._streamed.get(flt)
+        if found is None:
+            out: list[bytes] = []
+            last_emitted = -1
+            for i, change in enumerate(self.rows):
+                if flt.matches(change):
+                    out.append(self.event(i))
+                    last_emitted = i
+            if self.rows and last_emitted != len(self.rows) - 1:
+                out.append(b"id: %s\n\n" % encode_cursor(self.rows[-1].seq).encode())
+            found = self._streamed[flt] = b"".join(out)
         return found
 
 
@@ -161,6 +183,11 @@ class ChangeFeed:
         self.streams = 0  # streams open now
         self.dropped = 0  # streams closed because the client did not keep up
         self.reads = 0  # store reads made (shared ones count once)
+        self.notifies = 0  # commits told
+        self.wakes = 0  # times the waiters were woken (commits within linger_s count once)
+        self._wake_due: asyncio.TimerHandle | None = None
+        self._last_wake = -math.inf
+        self._ticker: asyncio.Task[None] | None = None
 
     @property
     def generation(self) -> int:
@@ -171,27 +198,68 @@ class ChangeFeed:
         return self._closing
 
     def notify(self, changes: Sequence[ChangeRecord] | None = None) -> None:
-        """Changes were committed: wake every waiter (they re-read the store)."""
+        """Changes were committed: wake every waiter (they re-read the store), at once
+        if the last wake is ``linger_s`` old, else when it is: under load, when commits
+        come every few milliseconds, each wake (a read and a write per stream) then
+        carries the commits of ``linger_s``."""
         del changes
+        self.notifies += 1
+        if self._wake_due is not None:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._last_wake + self.config.linger_s
+        if self._closing or loop.time() >= due:
+            self._wake()
+        else:
+            self._wake_due = loop.call_at(due, self._wake)
+
+    def _wake(self) -> None:
+        if self._wake_due is not None:
+            self._wake_due.cancel()
+            self._wake_due = None
+        self._last_wake = asyncio.get_running_loop().time()
+        self.wakes += 1
         self._generation += 1
         event, self._event = self._event, asyncio.Event()
         event.set()
+
+    def start_ticker(self) -> None:
+        """Wake every waiter every half heartbeat, commit or not, while streams are
+        served: streams send their heartbeats then, and re-read the store (a commit that
+        nobody told this process about is found within a heartbeat). One timer for
+        all the streams, rather than one per stream per wait."""
+        if self._ticker is None and not self._closing:
+            self._ticker = asyncio.create_task(self._tick(), name="changes-feed-ticker")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s / 2)
+            self._wake()
 
     async def close(self, app: web.Application | None = None) -> None:
         """The service is stopping: long-polls answer now, streams end."""
         del app
         self._closing = True
-        self.notify()
+        self._wake()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
 
-    async def wait(self, seen: int, within_s: float) -> bool:
-        """Wait until the generation moves past ``seen`` (True) or ``within_s`` passes."""
+    async def wait(self, seen: int, within_s: float | None = None) -> bool:
+        """Wait until the generation moves past ``seen`` (True) or ``within_s`` passes
+        (None: no limit; the ticker wakes streams)."""
         if self._generation != seen or self._closing:
             return True
         event = self._event
         self.waiting += 1
         try:
-            async with asyncio.timeout(max(within_s, 0.0)):
+            if within_s is None:
                 await event.wait()
+            else:
+                async with asyncio.timeout(max(within_s, 0.0)):
+                    await event.wait()
         except TimeoutError:
             return False
         finally:
@@ -401,6 +469,7 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    feed.start_ticker()
     stream = _Stream(request, response, feed, store, query.filter)
     feed.streams += 1
     try:
@@ -433,16 +502,16 @@ class _Stream:
         if not await self.send(b": connected\n\n"):
             return False
         while not feed.closing:
-            if not await self.send(self._events(pos, batch)):
+            if not await self.send(batch.stream_bytes(self.filter)):
                 return False
             if batch.rows:
                 pos = batch.rows[-1].seq
-            if len(batch.rows) < STREAM_BATCH:  # caught up: wait for a commit
-                woken = await feed.wait(seen, self.last_write + heartbeat_s - loop.time())
+            if len(batch.rows) < STREAM_BATCH:  # caught up: wait for a commit (or a tick)
+                await feed.wait(seen)
                 if feed.closing:
                     break
                 idle = loop.time() - self.last_write >= heartbeat_s
-                if not woken and idle and not await self.send(b": keep-alive\n\n"):
+                if idle and not await self.send(b": keep-alive\n\n"):
                     return False
             # Read again, woken or not: a commit nobody told us about is found too.
             seen = feed.generation
@@ -452,20 +521,6 @@ class _Stream:
                 await self.send(b"event: gone\ndata: %s\n\n" % gone)
                 return False
         return True
-
-    def _events(self, pos: int, batch: _Batch) -> bytes:
-        out: list[bytes] = []
-        emitted = pos
-        for i, change in enumerate(batch.rows):
-            if self.filter.matches(change):
-                out.append(batch.event(i))
-                emitted = change.seq
-        if batch.rows and batch.rows[-1].seq != emitted:
-            # Rows past the last event matched nothing: move the client's Last-Event-ID
-            # past them anyway (an id-only block fires no event), so it never reads
-            # them again.
-            out.append(b"id: %s\n\n" % encode_cursor(batch.rows[-1].seq).encode())
-        return b"".join(out)
 
     async def send(self, data: bytes) -> bool:
         """Write ``data`` (nothing to write: True); False when the stream is over: the
@@ -477,11 +532,17 @@ class _Stream:
         if transport is None or transport.is_closing():
             return False
         config = self.feed.config
-        if transport.get_write_buffer_size() > config.max_buffer_bytes:
+        buffered = transport.get_write_buffer_size()
+        if buffered > config.max_buffer_bytes:
             return _drop(self.request, self.feed)
         try:
-            async with asyncio.timeout(config.drain_timeout_s):
+            if buffered == 0 and len(data) < _NEVER_PAUSES:
+                # Nothing buffered: the transport is not paused, and this write cannot
+                # pause it (asyncio pauses above 64 KiB), so it cannot wait on a drain.
                 await self.response.write(data)
+            else:
+                async with asyncio.timeout(config.drain_timeout_s):
+                    await self.response.write(data)
         except TimeoutError:
             return _drop(self.request, self.feed)
         except ConnectionError:

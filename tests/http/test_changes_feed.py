@@ -16,7 +16,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from consumer.api.changes import decode_cursor, encode_cursor
+from consumer.api.changes import ChangeFeed, StreamConfig, decode_cursor, encode_cursor
 from consumer.changes_retention import Retention, RetentionLoop, parse_retention
 from consumer.core.codec import decode
 from consumer.core.secrets import redact_text
@@ -575,3 +575,16 @@ async def test_feed_and_handlers_see_the_same_changes_in_the_same_order(
     for seq, task_id, *_ in handled:
         order.setdefault(task_id, []).append(seq)
     assert all(v == sorted(v) for v in order.values())
+
+
+async def test_commits_close_together_wake_readers_once() -> None:
+    feed = ChangeFeed(StreamConfig(linger_s=3600))
+    seen = feed.generation
+    feed.notify()  # the first commit after a quiet spell wakes at once
+    assert (feed.wakes, feed.generation) == (1, seen + 1)
+    feed.notify()
+    feed.notify()  # within linger_s of that wake: one more wake, later, for both
+    assert (feed.notifies, feed.wakes) == (3, 1)
+    await feed.close()  # a stop wakes everyone at once, and drops the pending wake
+    assert feed.wakes == 2 and feed.closing
+    assert await feed.wait(feed.generation, None)  # closing: never waits
