@@ -305,7 +305,7 @@ class Settings(BaseSettings):
         description="A /changes/stream client that takes longer to take a write is dropped.",
     )
     changes_linger_s: float = Field(
-        0.02,
+        0.05,
         ge=0,
         le=1,
         description="Feed readers are woken at most this often: under load, one wake "

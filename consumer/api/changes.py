@@ -98,7 +98,7 @@ class StreamConfig:
     heartbeat_s: float = 15.0  # a comment line this often while nothing is sent
     max_buffer_bytes: int = 1 << 20  # a connection buffering more than this is dropped
     drain_timeout_s: float = 10.0  # a write not drained in this time drops the client
-    linger_s: float = 0.02  # readers are woken at most this often (commits coalesce)
+    linger_s: float = 0.05  # readers are woken at most this often (commits coalesce)
 
 
 @dataclass(slots=True)
