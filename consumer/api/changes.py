@@ -38,7 +38,7 @@ from aiohttp import web
 
 from consumer.api.context import MAX_PAGE, STORE_KEY, ApiStore
 from consumer.api.responses import error, json_response
-from consumer.core.change import ChangeRecord
+from consumer.core.change import ChangeRecord, stale_threshold_ms
 from consumer.core.secrets import redact_text
 
 __all__ = [
@@ -162,8 +162,14 @@ def change_doc(c: ChangeRecord) -> dict[str, Any]:
         "phase": redact_text(c.phase),
         "changedAt": c.changed_at,
         "eventId": redact_text(c.event_id),
-        "kind": c.kind,
+        "kind": _public_kind(c.kind),
     }
+
+
+def _public_kind(kind: str) -> str:
+    """The kind as handlers see it: a stale alert's outbox kind carries its threshold
+    (``stale:300000``), the feed says ``stale`` as ``PhaseChange.kind`` does."""
+    return "stale" if stale_threshold_ms(kind) is not None else kind
 
 
 class ChangeFeed:
@@ -296,7 +302,7 @@ class ChangeFeed:
 
 FEED_KEY = web.AppKey("changes_feed", ChangeFeed)
 
-_KINDS = frozenset({"phase", "update"})
+_KINDS = frozenset({"phase", "update", "stale"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +318,7 @@ class ChangeFilter:
 
     def matches(self, c: ChangeRecord) -> bool:
         return (
-            (not self.kinds or c.kind in self.kinds)
+            (not self.kinds or _public_kind(c.kind) in self.kinds)
             and (not self.phases or c.phase in self.phases)
             and (not self.types or c.task_type in self.types)
             and (not self.task_ids or c.task_id in self.task_ids)
@@ -358,7 +364,9 @@ def _query(request: web.Request, known: frozenset[str]) -> _Query:
     elif not kinds:
         kinds = frozenset({"phase"})
     elif kinds - _KINDS:
-        raise ValueError("kind must be phase, update, a comma-separated list of them, or all")
+        raise ValueError(
+            "kind must be phase, update, stale, a comma-separated list of them, or all"
+        )
     flt = ChangeFilter(
         kinds=kinds,
         phases=_split(q.getall("phase", [])),

@@ -324,7 +324,7 @@ def document() -> dict[str, Any]:
                         "phase": {"type": "string"},
                         "changedAt": {"type": "number"},
                         "eventId": {"type": "string"},
-                        "kind": {"enum": ["phase", "update"]},
+                        "kind": {"enum": ["phase", "update", "stale"]},
                     },
                     "required": [
                         "cursor",

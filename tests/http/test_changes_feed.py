@@ -177,6 +177,19 @@ async def test_filters_and_next_moves_past_what_was_scanned(make_client: MakeCli
     assert await page_all(client, phase="nope", limit=1) == []
 
 
+async def test_stale_alerts_are_listed_as_kind_stale_when_asked(
+    make_client: MakeClient, store: Store
+) -> None:
+    client, service = await make_client(store=store)
+    await put(client, "s1", snapshot("S", "running", 1_000))
+    recorded = await service.store.record_stale("running", 300_000, now_ms=1_000 + 300_000)
+    assert [c.task_id for c in recorded] == ["S"]
+    assert [c["kind"] for c in await page_all(client)] == ["phase"]  # the default
+    stale = await page_all(client, kind="stale")
+    assert [(c["taskId"], c["kind"], c["phase"]) for c in stale] == [("S", "stale", "running")]
+    assert [c["kind"] for c in await page_all(client, kind="all")] == ["phase", "stale"]
+
+
 async def test_updates_only_when_asked(make_client: MakeClient, tmp_path: Any) -> None:
     store = SQLiteStore(tmp_path / "u.db", record_updates=True)
     client, _ = await make_client(store=store)
