@@ -456,6 +456,11 @@ class OutboxStore(Protocol):
 
     async def set_cursor(self, handler: str, seq: int) -> None: ...
 
+    async def set_cursors(self, cursors: Mapping[str, int]) -> None:
+        """:meth:`set_cursor` for many, in one transaction (a dispatcher saves a cursor
+        per handler and lane: one commit, not one each)."""
+        ...
+
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         """Insert or replace delivery records (keyed by handler, seq, replay), atomically."""
         ...
@@ -522,6 +527,14 @@ class LeaseStore(Protocol):
         """Take or renew the named lease for ``owner`` until ``now_ms + ttl_ms`` when it is
         free, expired, already ``owner``'s, or held by ``take_from`` (a holder known dead).
         Returns the holder afterwards."""
+        ...
+
+    async def acquire_leases(
+        self, names: Sequence[str], owner: str, ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        """:meth:`acquire_lease` for each of ``names``, in one transaction; the holders
+        afterwards, in order. How a dispatcher renews its lanes: one commit per round,
+        not one per lane, so delivery records do not queue behind them."""
         ...
 
     async def release_lease(self, name: str, owner: str) -> None:

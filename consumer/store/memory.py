@@ -247,6 +247,9 @@ class MemoryStore:
     async def set_cursor(self, handler: str, seq: int) -> None:
         self._cursors[handler] = seq
 
+    async def set_cursors(self, cursors: Mapping[str, int]) -> None:
+        self._cursors.update(cursors)
+
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         for d in deliveries:
             self._deliveries[(d.handler, d.seq, d.replay)] = d
@@ -296,6 +299,11 @@ class MemoryStore:
         if held is None or held[0] in (owner, take_from) or held[1] < now_ms:
             self._leases[name] = (owner, now_ms + ttl_ms)
         return self._leases[name][0]
+
+    async def acquire_leases(
+        self, names: Sequence[str], owner: str, ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        return [await self.acquire_lease(name, owner, ttl_ms, now_ms) for name in names]
 
     async def release_lease(self, name: str, owner: str) -> None:
         if self._leases.get(name, ("", 0))[0] == owner:

@@ -1011,3 +1011,20 @@ async def test_prune_never_takes_a_change_a_handler_still_needs(store: Store) ->
     assert await store.prune_changes(before_ms=10_000, needed_by=["slow"]) == 1
     assert [c.seq for c in await store.changes_after(0)] == [seqs[0], seqs[2], seqs[3]]
     assert await store.oldest_change_seq() == seqs[1] + 1
+
+
+async def test_leases_and_cursors_in_one_call(store: Store) -> None:
+    await store.acquire_lease("lane:2", "other", 1000, now_ms=0)
+    holders = await store.acquire_leases(["lane:1", "lane:2", "lane:3"], "me", 1000, now_ms=10)
+    assert holders == ["me", "other", "me"]  # lane:2 is held by another until 1000
+    assert await store.acquire_leases(["lane:2", "lane:1"], "me", 1000, now_ms=1500) == [
+        "me",
+        "me",
+    ]  # expired: taken; renewed
+    # lane:3 was not renewed: expired at 1010.
+    assert await store.lease_holders("lane:", now_ms=1600) == {"lane:1": "me", "lane:2": "me"}
+    assert await store.acquire_leases([], "me", 1000, now_ms=1600) == []
+    await store.set_cursors({"h@0/2": 5, "h@1/2": 7})
+    await store.set_cursors({"h@1/2": 9})
+    await store.set_cursors({})
+    assert (await store.get_cursor("h@0/2"), await store.get_cursor("h@1/2")) == (5, 9)

@@ -376,6 +376,20 @@ class PostgresStore:
             )
         )
 
+    async def set_cursors(self, cursors: Mapping[str, int]) -> None:
+        if not cursors:
+            return
+        names = sorted(cursors)
+        await self._write(
+            lambda con: con.execute(
+                "INSERT INTO cursors (handler, seq)"
+                " SELECT * FROM unnest($1::text[], $2::bigint[])"
+                " ON CONFLICT (handler) DO UPDATE SET seq = excluded.seq",
+                names,
+                [cursors[n] for n in names],
+            )
+        )
+
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
             return
@@ -426,22 +440,41 @@ class PostgresStore:
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
     ) -> str:
-        async def run(con: asyncpg.Connection) -> str:
-            holder = await con.fetchval(
-                "INSERT INTO leases (name, owner, expires_at) VALUES ($1, $2, $3)"
+        return (await self._take_leases([name], owner, ttl_ms, now_ms, take_from))[0]
+
+    async def acquire_leases(
+        self, names: Sequence[str], owner: str, ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        return await self._take_leases(names, owner, ttl_ms, now_ms, None) if names else []
+
+    async def _take_leases(
+        self,
+        names: Sequence[str],
+        owner: str,
+        ttl_ms: int,
+        now_ms: int,
+        take_from: str | None,
+    ) -> list[str]:
+        async def run(con: asyncpg.Connection) -> list[str]:
+            # In name order: two processes renewing overlapping sets cannot deadlock.
+            await con.execute(
+                "INSERT INTO leases (name, owner, expires_at)"
+                " SELECT n, $2, $3 FROM unnest($1::text[]) AS u(n) ORDER BY n"
                 " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
                 " expires_at = excluded.expires_at"
                 " WHERE leases.owner = excluded.owner OR leases.owner = $4"
-                " OR leases.expires_at < $5 RETURNING owner",
-                name,
+                " OR leases.expires_at < $5",
+                sorted(set(names)),
                 owner,
                 now_ms + ttl_ms,
                 take_from,
                 now_ms,
             )
-            if holder is None:  # held by another: the conflict did not update
-                holder = await con.fetchval("SELECT owner FROM leases WHERE name = $1", name)
-            return str(holder)
+            rows = await con.fetch(
+                "SELECT name, owner FROM leases WHERE name = ANY($1::text[])", list(names)
+            )
+            holders = {row[0]: row[1] for row in rows}
+            return [str(holders[name]) for name in names]
 
         return await self._write(run)
 

@@ -340,6 +340,18 @@ class SQLiteStore:
             )
         )
 
+    async def set_cursors(self, cursors: Mapping[str, int]) -> None:
+        if not cursors:
+            return
+        rows = list(cursors.items())
+        await self._write(
+            lambda con: con.executemany(
+                "INSERT INTO cursors (handler, seq) VALUES (?, ?)"
+                " ON CONFLICT (handler) DO UPDATE SET seq = excluded.seq",
+                rows,
+            )
+        )
+
     async def record_deliveries(self, deliveries: Sequence[Delivery]) -> None:
         rows = [
             (
@@ -385,18 +397,18 @@ class SQLiteStore:
     async def acquire_lease(
         self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
     ) -> str:
-        def run(con: sqlite3.Connection) -> str:
-            con.execute(
-                "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
-                " expires_at = excluded.expires_at"
-                " WHERE leases.owner IN (excluded.owner, ?) OR leases.expires_at < ?",
-                (name, owner, now_ms + ttl_ms, take_from, now_ms),
-            )
-            (holder,) = con.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
-            return str(holder)
+        return await self._write(
+            lambda con: _take_lease(con, name, owner, ttl_ms, now_ms, take_from=take_from)
+        )
 
-        return await self._write(run)
+    async def acquire_leases(
+        self, names: Sequence[str], owner: str, ttl_ms: int, now_ms: int
+    ) -> list[str]:
+        if not names:
+            return []
+        return await self._write(
+            lambda con: [_take_lease(con, n, owner, ttl_ms, now_ms, take_from=None) for n in names]
+        )
 
     async def release_lease(self, name: str, owner: str) -> None:
         await self._write(
@@ -746,6 +758,26 @@ class SQLiteStore:
 
 
 _PRUNED_UPTO = "phasewatch:changes_pruned_upto"
+
+
+def _take_lease(
+    con: sqlite3.Connection,
+    name: str,
+    owner: str,
+    ttl_ms: int,
+    now_ms: int,
+    *,
+    take_from: str | None,
+) -> str:
+    con.execute(
+        "INSERT INTO leases (name, owner, expires_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+        " expires_at = excluded.expires_at"
+        " WHERE leases.owner IN (excluded.owner, ?) OR leases.expires_at < ?",
+        (name, owner, now_ms + ttl_ms, take_from, now_ms),
+    )
+    (holder,) = con.execute("SELECT owner FROM leases WHERE name = ?", (name,)).fetchone()
+    return str(holder)
 
 
 def _when_unlocked(fn: Callable[[], object], wait_s: float = 10.0) -> None:
