@@ -311,6 +311,10 @@ async def _serve(settings: Settings) -> None:
         service.app,
         access_log=logging.getLogger(ACCESS_LOGGER) if settings.access_log else None,
         access_log_class=AccessLogger,
+        # Requests still in flight at a stop get this long (aiohttp's default is 60 s,
+        # past the Kubernetes grace period in deploy/k8s); a webhook cut off gets no 2xx
+        # and is sent again.
+        shutdown_timeout=10.0,
     )
     await runner.setup()
     try:
