@@ -400,6 +400,11 @@ async def _start(store: ApiStore, after: After) -> int:
     return after
 
 
+# How often a reader without a cursor starts again from the oldest retained change
+# when retention prunes past it while it reads.
+_RESTARTS = 5
+
+
 def _gone() -> web.Response:
     return error(410, "gone", GONE_MESSAGE)
 
@@ -416,10 +421,17 @@ async def list_changes(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + query.wait_s
     pos = await _start(store, query.after)
+    restarts = 0
     while True:
         seen = feed.generation
         found, pos, status = await _scan(feed, store, pos, query)
         if status == "gone":
+            # A reader that gave no cursor asked for the oldest retained change: if
+            # retention pruned past it meanwhile, the new oldest is still the answer.
+            if query.after is None and restarts < _RESTARTS:
+                restarts += 1
+                pos = await _start(store, None)
+                continue
             return _gone()
         remaining = deadline - loop.time()
         if found or status == "more" or remaining <= 0 or feed.closing:
@@ -467,6 +479,11 @@ async def stream_changes(request: web.Request) -> web.StreamResponse:
     pos = await _start(store, after)
     seen = feed.generation
     batch = await feed.read(store, pos, STREAM_BATCH, seen)
+    for _ in range(_RESTARTS):  # no cursor given: the oldest retained, as in list_changes
+        if after is not None or not batch.gone(pos):
+            break
+        pos = await _start(store, None)
+        batch = await feed.read(store, pos, STREAM_BATCH, seen)
     if batch.gone(pos):
         return _gone()
     response = web.StreamResponse(

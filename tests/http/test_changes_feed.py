@@ -190,6 +190,38 @@ async def test_stale_alerts_are_listed_as_kind_stale_when_asked(
     assert [c["kind"] for c in await page_all(client, kind="all")] == ["phase", "stale"]
 
 
+class _StaleOldest(MemoryStore):
+    """Answers its first oldest_change_seq as it was before a pruning that then ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: int | None = None
+
+    async def oldest_change_seq(self) -> int:
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return await super().oldest_change_seq()
+
+
+async def test_a_reader_without_a_cursor_is_never_gone(make_client: MakeClient) -> None:
+    """Retention may prune between the feed's look at the oldest change and its read: a
+    reader that gave no cursor asked for the oldest retained, so it gets that, not 410."""
+    store = _StaleOldest()
+    client, _ = await make_client(store=store)
+    for i in range(5):
+        await put(client, f"o{i}", snapshot(f"O{i}", "running", 10 + i))
+    assert await store.prune_changes(keep_last=2) == 3
+    store.first = 1  # as read before the pruning
+    status, body = await get(client)
+    assert status == 200, body
+    assert [c["taskId"] for c in body["changes"]] == ["O3", "O4"]
+    store.first = 1
+    async with client.get("/changes/stream") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+
+
 async def test_updates_only_when_asked(make_client: MakeClient, tmp_path: Any) -> None:
     store = SQLiteStore(tmp_path / "u.db", record_updates=True)
     client, _ = await make_client(store=store)
