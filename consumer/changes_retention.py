@@ -16,13 +16,14 @@ import logging
 import os
 import re
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from consumer.core import times
 from consumer.core.secrets import describe_error
+from consumer.store.base import LeaseStore
 
 __all__ = ["LEASE", "Retention", "RetentionLoop", "RetentionStore", "parse_retention"]
 
@@ -73,7 +74,7 @@ def parse_retention(text: str) -> Retention:
     )
 
 
-class RetentionStore(Protocol):
+class RetentionStore(LeaseStore, Protocol):
     """What pruning uses: the outbox and the leases."""
 
     async def prune_changes(
@@ -83,16 +84,6 @@ class RetentionStore(Protocol):
         keep_last: int | None = None,
         needed_by: Sequence[str] | None = None,
     ) -> int: ...
-
-    async def acquire_lease(
-        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
-    ) -> str: ...
-
-    async def release_lease(self, name: str, owner: str) -> None: ...
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class RetentionLoop:
@@ -138,7 +129,7 @@ class RetentionLoop:
     async def prune_once(self, now_ms: int | None = None) -> int | None:
         """One round: the number of changes pruned, or None when another process holds
         the lease (it prunes)."""
-        now = _now_ms() if now_ms is None else now_ms
+        now = times.now_ms() if now_ms is None else now_ms
         holder = await self._store.acquire_lease(LEASE, self.owner, self._ttl_ms, now)
         if holder != self.owner:
             return None

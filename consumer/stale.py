@@ -31,13 +31,14 @@ import logging
 import math
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+from consumer.core import times
 from consumer.core.change import ChangeRecord
 from consumer.core.secrets import describe_error
+from consumer.store.base import LeaseStore
 
 __all__ = [
     "LEASE",
@@ -101,7 +102,7 @@ def parse_stale(text: str) -> dict[str, float]:
     return out
 
 
-class SweepStore(Protocol):
+class SweepStore(LeaseStore, Protocol):
     """What the sweeper uses: the stale alerts and the leases."""
 
     async def record_stale(
@@ -109,16 +110,6 @@ class SweepStore(Protocol):
     ) -> list[ChangeRecord]: ...
 
     async def count_stale(self, phase: str, stale_for_ms: int, now_ms: int) -> int: ...
-
-    async def acquire_lease(
-        self, name: str, owner: str, ttl_ms: int, now_ms: int, *, take_from: str | None = None
-    ) -> str: ...
-
-    async def release_lease(self, name: str, owner: str) -> None: ...
-
-
-def _wall_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class StaleSweeper:
@@ -136,7 +127,7 @@ class StaleSweeper:
         lease_s: float = 15.0,
         batch: int = 500,
         owner: str | None = None,
-        clock: Callable[[], int] = _wall_ms,
+        clock: Callable[[], int] = times.now_ms,
         on_changes: ChangeSink | None = None,
     ) -> None:
         if interval_s <= 0 or lease_s <= 0 or batch < 1:
