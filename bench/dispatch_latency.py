@@ -113,7 +113,9 @@ async def drive(url: str, rate: int, seconds: int, run: str) -> tuple[dict[str, 
     return acked, errors
 
 
-def run_once(db_url: str, rate: int, seconds: int) -> dict[str, float]:
+def run_once(
+    db_url: str, rate: int, seconds: int, timeline: Path | None = None
+) -> dict[str, float]:
     """One service on ``db_url`` driven at ``rate`` for ``seconds``: its percentiles."""
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()
@@ -145,6 +147,12 @@ def run_once(db_url: str, rate: int, seconds: int) -> dict[str, float]:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         starts = {eid: t for eid, t in (orjson.loads(x) for x in out.read_bytes().splitlines())}
+    if timeline is not None:
+        # Each event's 2xx time and latency, to see when in the run the slow ones fall.
+        with timeline.open("ab") as f:
+            for e, t in sorted(acked.items(), key=lambda kv: kv[1]):
+                if e in starts:
+                    f.write(orjson.dumps([t, (starts[e] - t) / 1e6]) + b"\n")
     lat = sorted((starts[e] - t) / 1e6 for e, t in acked.items() if e in starts)
     missing = len(acked) - len(lat)
 
@@ -186,6 +194,9 @@ def main() -> None:
     parser.add_argument(
         "--backends", help="comma-separated, of sqlite and postgres (default: what is given)"
     )
+    parser.add_argument(
+        "--timeline", type=Path, help="append each event's [2xx ns, latency ms] here (jsonl)"
+    )
     args = parser.parse_args()
     with_pg = args.postgres or bool(args.database_url)
     backends = (args.backends or ("sqlite,postgres" if with_pg else "sqlite")).split(",")
@@ -208,7 +219,7 @@ def main() -> None:
                     url = pg.fresh("latency")
                 else:
                     url = "sqlite:///{tmp}/lat.db"
-                r = run_once(url, args.rate, args.seconds)
+                r = run_once(url, args.rate, args.seconds, args.timeline)
                 if backend == "postgres":
                     assert pg is not None
                     pg.drop(url)

@@ -869,6 +869,25 @@ async def test_process_writer_answers_queued_batches_in_order(tmp_path: Path) ->
         await store.close()
 
 
+@pytest.mark.slow  # spawns a writer process
+async def test_process_store_opens_only_once_its_writer_holds_the_database(
+    tmp_path: Path,
+) -> None:
+    # A service answers /readyz once its store is open: the first webhook must not wait
+    # for the writer process to finish starting (it waited ~0.6 s, importing).
+    path = tmp_path / "ready.db"
+    store = SQLiteProcessStore(path)
+    await store.open()
+    try:
+        pid = store.writer_pid
+        assert pid is not None
+        fds = Path(f"/proc/{pid}/fd")
+        opened = {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+        assert str(path.resolve()) in opened
+    finally:
+        await store.close()
+
+
 @pytest.mark.slow  # spawns (and kills) writer processes
 async def test_process_writer_death_fails_every_queued_batch_once(tmp_path: Path) -> None:
     store = SQLiteProcessStore(tmp_path / "d.db")

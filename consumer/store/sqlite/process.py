@@ -56,6 +56,7 @@ from consumer.store.base import (
     IngestResult,
     RawIngestResult,
     Rejected,
+    StoreOpenError,
     StoreStats,
     decode_all,
     receipts_of,
@@ -129,6 +130,10 @@ def _child(sock: socket.socket, path: str, synchronous: Synchronous, record_upda
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
     conn = _Channel(sock)
     con = store.writer_connection()
+    # Ready: open() waits for this, so a service answers /readyz only once its writer
+    # can take a batch (before, the first webhook after start waited ~0.6 s for this
+    # process to finish importing).
+    conn.send(_READY)
     stopping = False
     while not stopping:
         try:
@@ -290,6 +295,7 @@ class SQLiteProcessStore(SQLiteStore):
             raise ValueError(f"fold_here must be within 0..1, got {fold_here}")
         self._fold_here = round(fold_here * 1000)  # per mille of the keys
         self._link: _Link | None = None
+        self._opened = False  # between open() and close(): a lost writer is replaced
         self._restarting = asyncio.Lock()
         self._planning = asyncio.Lock()
         self._planner = Planner(self._load_for_planning, record_updates=record_updates)
@@ -326,7 +332,12 @@ class SQLiteProcessStore(SQLiteStore):
 
     async def open(self) -> None:
         await super().open()  # creates the schema before the child connects
-        self._link = await self._spawn()
+        try:
+            self._link = await self._spawn()
+        except _WriterDied as exc:
+            await super().close()
+            raise StoreOpenError(f"{self.path}: {exc}") from exc
+        self._opened = True
 
     async def _spawn(self) -> _Link:
         # spawn, not fork: the parent has threads and an event loop running.
@@ -348,6 +359,17 @@ class SQLiteProcessStore(SQLiteStore):
         parent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
         reader, writer = await asyncio.open_unix_connection(sock=parent, limit=_SOCKET_BUFFER)
         link = _Link(proc, reader, writer)
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                hello = await _read_frame(reader)
+        except (OSError, EOFError, asyncio.IncompleteReadError, TimeoutError) as exc:
+            proc.kill()
+            writer.close()
+            raise _WriterDied(f"the SQLite writer process did not start: {exc!r}") from exc
+        if hello != _READY:
+            proc.kill()
+            writer.close()
+            raise _WriterDied(f"the SQLite writer process said {hello!r} instead of ready")
         link.replies = asyncio.create_task(_read_replies(link), name="sqlite-writer-replies")
         return link
 
@@ -368,6 +390,7 @@ class SQLiteProcessStore(SQLiteStore):
 
     async def close(self) -> None:
         link, self._link = self._link, None
+        self._opened = False
         if link is not None:
             await self._stop(link, graceful=True)
         await super().close()
@@ -455,9 +478,7 @@ class SQLiteProcessStore(SQLiteStore):
         receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """The writer process decodes, folds and writes."""
-        link = self._link
-        if link is None:
-            raise RuntimeError("SQLiteProcessStore is not open")
+        link = await self._current_link()
         reply = await self._call(
             link,
             _Request(list(raws), source, received_at, record_changes, None, _wire(receipts)),
@@ -473,9 +494,7 @@ class SQLiteProcessStore(SQLiteStore):
         receipts: Sequence[Receipt | None] | None = None,
     ) -> RawIngestResult:
         """This process decodes and folds; the writer checks the plan and writes it."""
-        link = self._link
-        if link is None:
-            raise RuntimeError("SQLiteProcessStore is not open")
+        link = await self._current_link()
         # This process now decodes batches too: the collector settings that suit that.
         tune_for_batches()
         async with self._planning:
@@ -518,7 +537,11 @@ class SQLiteProcessStore(SQLiteStore):
             # The writer died (killed, out of memory). Start another; this batch fails
             # (503: the sender retries, and a batch it did commit comes back a duplicate).
             reply.cancel()
-            await self._restart(link)
+            try:
+                await self._restart(link)
+            except _WriterDied as exc:
+                # The next batch tries again (_current_link): this one fails either way.
+                raise RuntimeError(f"SQLite writer process died, and {exc}") from None
             raise RuntimeError("SQLite writer process died; a new one was started") from None
         if answer.status == "error":
             raise RuntimeError(f"SQLite writer process failed: {answer.error}")
@@ -529,6 +552,19 @@ class SQLiteProcessStore(SQLiteStore):
             return Loaded(*read_for_planning(self._r(), task_ids, untasked))
 
         return await self._run(self._reader, run)
+
+    async def _current_link(self) -> _Link:
+        link = self._link
+        if link is not None:
+            return link
+        if not self._opened:
+            raise RuntimeError("SQLiteProcessStore is not open")
+        # A restart after a death failed (the new writer did not come up): try again,
+        # one caller at a time, rather than refusing every batch from then on.
+        async with self._restarting:
+            if self._link is None:
+                self._link = await self._spawn()
+            return self._link
 
     async def _restart(self, dead: _Link) -> None:
         async with self._restarting:
@@ -549,8 +585,7 @@ def _result(reply: _Reply) -> RawIngestResult:
 async def _read_replies(link: _Link) -> None:
     try:
         while True:
-            (size,) = _HEADER.unpack(await link.reader.readexactly(_HEADER.size))
-            reply = pickle.loads(await link.reader.readexactly(size))  # noqa: S301 - our child
+            reply = await _read_frame(link.reader)
             waiter = link.pending.popleft()
             if not waiter.done():
                 waiter.set_result(reply)
@@ -562,6 +597,16 @@ async def _read_replies(link: _Link) -> None:
             if not waiter.done():
                 waiter.set_exception(_WriterDied())
 
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    return pickle.loads(await reader.readexactly(size))  # noqa: S301 - our child
+
+
+# The writer's first message, once its connection is open.
+_READY = "ready"
+# A writer that has not said so by then is broken (an import error, a stuck disk).
+_START_TIMEOUT_S = 60.0
 
 # This module's framing, both ways: an 8-byte length, then the pickled message.
 _HEADER = struct.Struct("!Q")
