@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 import pytest
 
-from consumer.core.change import PhaseChange
+from consumer.core.change import ChangeRecord, PhaseChange
 from consumer.core.codec import decode
 from consumer.dispatch.dispatcher import Dispatcher
+from consumer.dispatch.lanes import lane_of
 from consumer.dispatch.subscription import Subscription
 from consumer.store.base import Delivery, DeliveryStatus, Store
 from consumer.store.sqlite.store import SQLiteStore
@@ -265,3 +266,65 @@ async def test_a_store_from_before_lanes_resumes_at_its_single_cursor(
         assert sorted(calls.seqs()) == list(range(11, last + 1))
     finally:
         await dispatcher.stop()
+
+
+class _GatedStore(SQLiteStore):
+    """Holds one outbox read, once armed, after it has read: so that a test can act
+    while a dispatcher's read is under way."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, synchronous="NORMAL")
+        self.armed = False
+        self.reading = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def changes_after(self, seq: int, limit: int = 500) -> list[ChangeRecord]:
+        batch = await super().changes_after(seq, limit)
+        if self.armed and batch:
+            self.armed = False
+            self.reading.set()
+            await self.go_on.wait()
+        return batch
+
+
+async def test_a_lane_handed_over_while_the_outbox_is_read_loses_no_change(
+    tmp_path: Path,
+) -> None:
+    # The read covers every lane held when it starts; a lane given back while it is
+    # under way skips the read's changes for it, so its cursor must not move past them:
+    # the lane's next holder starts from that cursor (a change was lost this way once,
+    # in tests/process/test_replicas.py).
+    store = _GatedStore(tmp_path / "gated.db")
+    await store.open()
+    lane = lane_of("T-held", 2)
+    other = next(f"T-{i}" for i in range(100) if lane_of(f"T-{i}", 2) == lane)
+    started_first = CrossLoopEvent()
+    release_first = CrossLoopEvent()
+    seen: list[str] = []
+
+    async def handler(change: PhaseChange) -> None:
+        seen.append(change.task_id)
+        if change.task_id == "T-held":
+            started_first.set()
+            await release_first.wait()
+
+    dispatcher = await started(store, Subscription(name="h", fn=handler), lanes=2)
+    try:
+        assert held(dispatcher) == {0, 1}
+        await store.ingest([decode(webhook_body("e1", snapshot("T-held", "pending", 1)))], "t", 0)
+        dispatcher.notify([])
+        await asyncio.wait_for(started_first.wait(), 30)  # a call in flight in the lane
+        store.armed = True
+        await store.ingest([decode(webhook_body("e2", snapshot(other, "pending", 2)))], "t", 0)
+        dispatcher.notify([])
+        await asyncio.wait_for(store.reading.wait(), 30)  # the read has the change
+        dispatcher._give_back(lane)  # the lane goes while the read is under way
+        store.go_on.set()
+        release_first.set()  # the call in flight ends; the lane is handed over
+        # The dispatcher, alone, takes the lane back from its saved cursor.
+        await wait_until(lambda: other in seen, f"the change of {other}, read during the hand-over")
+        assert seen.count(other) == 1
+    finally:
+        release_first.set()
+        await dispatcher.stop()
+        await store.close()
