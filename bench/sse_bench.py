@@ -1,7 +1,7 @@
 """The changes stream under load: 100 SSE clients on ``GET /changes/stream`` while
 webhooks commit 1,000 phase changes a second, against a real ``phasewatch serve``.
 
-Two parts, each on a fresh server and a fresh SQLite file (``--database-url`` for an
+Two parts, each run on a fresh server and a fresh SQLite file (``--database-url`` for an
 existing PostgreSQL database instead: then every run uses it, not emptied):
 
 1. **Latency and memory.** The clients (a process of their own, ``--client``) open their
@@ -13,9 +13,27 @@ existing PostgreSQL database instead: then every run uses it, not emptied):
    2xx back, counted as 0). The server's RSS (its process and the SQLite writer child)
    is sampled twice a second. Every client must see every change, once.
 2. **Webhook throughput, with and without clients.** wrk (``bench/wrk_replay.lua``,
-   the pre-signed deliveries of ``bench/webhook_bench.py``) for ``--wrk-seconds`` at
-   ``-t1 -c32``, alternating runs without and with the 100 clients streaming everything
-   it commits, ``--rounds`` times each.
+   the pre-signed deliveries of ``bench/webhook_bench.py``) at full speed for
+   ``--wrk-seconds`` at ``-t1 -c32``, in runs without and with the 100 clients, the two
+   alternating which goes first round by round, ``--rounds`` rounds. The figure is wrk's
+   req/s; the ratio is the median of the per-round with/without ratios. Scenarios
+   (``--throughput-scenario``, comma-separated; default ``paced``):
+
+   * ``paced``, the issue's: in both kinds of run this process also posts ``--rate``
+     signed webhooks a second (as in part 1, each a new task's first event) of task type
+     ``ssebench``, which wrk's deliveries never use, from a second before wrk starts
+     until it ends; the clients stream ``?type=ssebench&after=now``, so they get exactly
+     those ``--rate`` changes a second while the server commits wrk's too. These
+     requests are not in wrk's figure; their achieved rate, errors and 2xx latency are
+     reported. After wrk ends, the clients get up to ``--grace`` seconds to receive
+     every change that was acknowledged; a client that missed any (fewer than the paced
+     2xx), or got more than were sent, fails the run (exit status 1).
+   * ``all``, a harder case: no paced load, and the clients stream everything wrk
+     commits (about twice the issue's rate, and more the faster wrk goes).
+
+   CPU seconds during wrk's window are sampled from ``/proc`` for each process: the
+   server and its children, the clients, this process (the paced load), wrk, and the
+   rest of the machine (``others``: other people's work on a shared machine, i.e. noise).
 
 Goals (issue #14): p99 commit->client under 100 ms, RSS flat, webhook throughput with
 clients within noise of without. Results: a summary on stdout and
@@ -24,7 +42,8 @@ runs the clients and the load too: on a small machine they compete with the serv
 the same cores, which is part of what the numbers show.
 
     .venv/bin/python bench/sse_bench.py                       # 100 clients, 1000/s, 20 s
-    .venv/bin/python bench/sse_bench.py --seconds 10 --rounds 1 --wrk-seconds 8
+    .venv/bin/python bench/sse_bench.py --rounds 3 --throughput-scenario paced,all
+    .venv/bin/python bench/sse_bench.py --skip-latency --rounds 1 --wrk-seconds 8
 """
 
 from __future__ import annotations
@@ -48,7 +67,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +90,13 @@ PHASEWATCH = str(Path(sys.executable).with_name("phasewatch"))
 _EVENT_ID = re.compile(rb'"eventId":"lat-(\d*0)"')
 SAMPLE = 10
 
+# The paced load of the throughput part: a task type that wrk's deliveries never use
+# (theirs are the fixture's: upload, clip, export, transcode-file, ...), so that a
+# client streaming ?type=ssebench gets the paced changes and none of wrk's.
+PACED_TYPE = "ssebench"
+PACED_LEAD_S = 1.0  # the paced load (and the clients' streams) run this long before wrk
+SCENARIOS = ("paced", "all")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -81,6 +109,81 @@ def sign(body: bytes) -> str:
     t = int(time.time() * 1000)
     digest = hmac.new(SECRET, body, hashlib.sha256).hexdigest()
     return f"t={t},v1={digest}"
+
+
+# ------------------------------------------------------------------------- CPU
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) so far of process ``pid`` (all its threads)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every CPU of the machine spent busy so far (not idle or iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuSampler:
+    """Samples, every ``every`` s on a thread, the CPU seconds of the processes that
+    ``pids()`` names and the machine's busy seconds, so that a window (wrk's, which
+    starts after its own set-up) can be cut afterwards. A process read after it has
+    ended keeps its last value."""
+
+    def __init__(self, pids: Callable[[], dict[str, int]], every: float = 0.1) -> None:
+        self.pids, self.every = pids, every
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        values = {"machine": machine_busy_s()}
+        for name, pid in self.pids().items():
+            cpu = proc_cpu_s(pid)
+            if cpu is not None:
+                values[name] = cpu
+        self.samples.append((time.monotonic(), values))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every)
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _at(self, t: float) -> dict[str, float]:
+        """Each name's value in the last sample at or before ``t`` that has it (the
+        first sample that has it, when none before)."""
+        out: dict[str, float] = {}
+        for when, values in self.samples:
+            if when > t:
+                for name, v in values.items():
+                    out.setdefault(name, v)
+            else:
+                out.update(values)
+        return out
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """CPU seconds per name between ``t0`` and ``t1`` (monotonic), and ``others``:
+        the machine's busy seconds that none of the named processes account for (other
+        people's processes, and kernel work charged to no process)."""
+        a, b = self._at(t0), self._at(t1)
+        out = {k: round(v - a.get(k, v), 2) for k, v in b.items() if k != "machine"}
+        machine = b.get("machine", 0.0) - a.get("machine", 0.0)
+        out["others"] = round(machine - sum(out.values()), 2)
+        return out
 
 
 # ------------------------------------------------------------------------- server
@@ -143,14 +246,30 @@ class Serve:
                         total += int(line.split()[1])
         return total / 1024
 
+    def named_pids(self) -> dict[str, int]:
+        """``serve`` and its children: ``writer`` (the SQLite writer process),
+        ``tracker`` (multiprocessing's resource tracker), else ``child<k>``."""
+        out = {"serve": self.proc.pid}
+        for k, pid in enumerate(self.pids()[1:], 1):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.spawn" in command:
+                out["writer" if "writer" not in out else f"child{k}"] = pid
+            elif b"multiprocessing.resource_tracker" in command:
+                out["tracker"] = pid
+            else:
+                out[f"child{k}"] = pid
+        return out
+
     def cpu_s(self) -> dict[str, float]:
         """CPU seconds (user + system) so far of the server and of its children."""
-        tick = os.sysconf("SC_CLK_TCK")
         out: dict[str, float] = {}
-        for k, pid in enumerate(self.pids()):
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                out["serve" if k == 0 else f"child{k}"] = (int(fields[11]) + int(fields[12])) / tick
+        for name, pid in self.named_pids().items():
+            cpu = proc_cpu_s(pid)
+            if cpu is not None:
+                out[name] = cpu
         return out
 
     def stop(self) -> None:
@@ -170,10 +289,12 @@ class Serve:
 class Clients:
     """The client process, driven from here over its stdin/stdout."""
 
-    def __init__(self, url: str, n: int, expect: int, mode: str) -> None:
+    def __init__(self, url: str, n: int, expect: int, mode: str, query: str = "") -> None:
+        """``query``: the streams' filter (``type=ssebench``), besides ``after=now``."""
         self.out = Path(tempfile.mkstemp(prefix="pwsse-clients-", suffix=".json")[1])
+        command = [sys.executable, __file__, "--client", url, str(n), str(expect), mode]
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--client", url, str(n), str(expect), mode, str(self.out)],
+            [*command, str(self.out), "--client-query", query],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -183,32 +304,44 @@ class Clients:
         if line != "ready":
             raise RuntimeError(f"clients did not connect: {line!r}")
 
-    def finish(self, acks: Path | None = None, timeout: float = 60) -> dict[str, Any]:
+    def finish(
+        self, acks: Path | None = None, want: int | None = None, grace: float = 0.0
+    ) -> dict[str, Any]:
+        """Stop the clients and return their result. Latency mode: they first wait (up
+        to 60 s) for every change of the acks. ``want`` (count mode): they first wait up
+        to ``grace`` s for every client to have counted ``want`` changes."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write(f"done {acks or '-'}\n")
+        self.proc.stdin.write(f"done {acks or '-'} {want if want is not None else '-'} {grace}\n")
         self.proc.stdin.flush()
-        self.proc.wait(timeout + 30)
+        self.proc.wait(max(grace, 60) + 30)
         result: dict[str, Any] = json.loads(self.out.read_text())
         self.out.unlink()
         return result
 
 
 class _Streams:
-    """The client process's ``n`` streams from ``after=now``. ``latency``: note when
-    each sampled ``lat-<i>`` change arrived at each client; ``count``: count change
-    events. A stream that ends reconnects with its Last-Event-ID (counted)."""
+    """The client process's ``n`` streams from ``after=now``, filtered by ``query``.
+    ``latency``: note when each sampled ``lat-<i>`` change arrived at each client;
+    ``count``: count change events. A stream that ends reconnects with its
+    Last-Event-ID (counted) and the same filter."""
 
-    def __init__(self, url: str, n: int, expect: int, mode: str) -> None:
+    def __init__(self, url: str, n: int, expect: int, mode: str, query: str = "") -> None:
         self.url, self.n, self.expect, self.mode = url, n, expect, mode
+        self.query = dict(urllib.parse.parse_qsl(query))
         self.arrivals = [array.array("d", [0.0]) * max(expect, 1) for _ in range(n)]
         self.counts = [0] * n
         self.reconnects = 0
         self.duplicates = 0
-        self.complete = 0  # clients with every expected change
+        # Clients with every expected change: ``want`` of them (latency mode: ``expect``
+        # from the start; count mode: from ``done``, when the load is over).
+        self.want: int | None = expect if mode == "latency" else None
+        self.complete = 0
+        self.complete_after_s: float | None = None  # from ``done`` until all were in
 
     async def run(self) -> str:
-        """Connect, say ``ready``; on ``done <acks>`` (stdin) wait (up to 60 s, latency
-        mode) for every client to have every change; the acks path."""
+        """Connect, say ``ready``; on ``done <acks> <want> <grace>`` (stdin) wait
+        (latency mode: up to 60 s; count mode with a want: up to grace s) for every
+        client to have every change; the acks path."""
         loop = asyncio.get_running_loop()
         self.connected = asyncio.Semaphore(0)
         self.all_in = asyncio.Event()
@@ -220,23 +353,32 @@ class _Streams:
             for _ in range(self.n):
                 await self.connected.acquire()
             print("ready", flush=True)
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if self.mode == "latency":
+            line: str = await loop.run_in_executor(None, sys.stdin.readline)
+            words = [*line.split(), "-", "-", "-", "0"][:4]
+            done_at = loop.time()
+            wait_s: float | None = 60 if self.mode == "latency" else None
+            if self.mode == "count" and words[2] != "-":
+                self.want, wait_s = int(words[2]), float(words[3])
+                self.complete = sum(1 for c in self.counts if c >= self.want)
+                if self.complete == self.n:
+                    self.all_in.set()
+            if wait_s is not None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.all_in.wait(), 60)
+                    await asyncio.wait_for(self.all_in.wait(), wait_s)
+                if self.all_in.is_set():
+                    self.complete_after_s = round(loop.time() - done_at, 3)
             self.stop.set()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        words = line.split()
-        return words[1] if len(words) > 1 else "-"
+        return words[1]
 
     async def stream(self, k: int, session: aiohttp.ClientSession) -> None:
         loop = asyncio.get_running_loop()
         last: str | None = None
         first = True
         while not self.stop.is_set():
-            params = {"after": "now"} if last is None else {}
+            params = {**self.query, "after": "now"} if last is None else self.query
             headers = {"Last-Event-ID": last} if last else {}
             with contextlib.suppress(aiohttp.ClientError, OSError):
                 async with session.get(
@@ -271,10 +413,10 @@ class _Streams:
                     mine[i] = now
                 else:
                     self.duplicates += 1
-            if before < self.expect <= self.counts[k]:
-                self.complete += 1
-                if self.complete == self.n:
-                    self.all_in.set()
+        if self.want is not None and before < self.want <= self.counts[k]:
+            self.complete += 1
+            if self.complete == self.n:
+                self.all_in.set()
         at = whole.rfind(b"id: ")
         return whole[at + 4 : whole.index(b"\n", at)].decode() if at >= 0 else None
 
@@ -285,6 +427,7 @@ class _Streams:
             "counts": self.counts,
             "reconnects": self.reconnects,
             "duplicates": self.duplicates,
+            "complete_after_s": self.complete_after_s,
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         }
         if self.mode != "latency" or acks_path == "-":
@@ -308,8 +451,8 @@ class _Streams:
         return result
 
 
-def client_main(url: str, n: int, expect: int, mode: str, out: Path) -> None:
-    streams = _Streams(url, n, expect, mode)
+def client_main(url: str, n: int, expect: int, mode: str, out: Path, *, query: str) -> None:
+    streams = _Streams(url, n, expect, mode, query)
     acks_path = asyncio.run(streams.run())
     out.write_bytes(orjson.dumps(streams.result(acks_path)))
 
@@ -334,13 +477,26 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------- load
 
 
-async def paced_load(url: str, rate: int, seconds: float, tag: str) -> dict[str, Any]:
-    """``rate`` webhooks a second for ``seconds``: each a new task's first event."""
-    total = int(rate * seconds)
+async def paced_load(
+    url: str,
+    rate: int,
+    seconds: float | None,
+    tag: str,
+    *,
+    stop: asyncio.Event | None = None,
+    task_type: str = "upload",
+    event_prefix: str = "lat",
+) -> dict[str, Any]:
+    """``rate`` webhooks a second for ``seconds`` (None: until ``stop`` is set), each a
+    new task's first event, of type ``task_type``, with event id ``<prefix>-<i>``; then
+    wait for the answers of those still in flight. ``sent`` and ``ack``: when each
+    request was sent and its 2xx came back (loop time), None if it never did."""
+    total = int(rate * seconds) if seconds is not None else None
     loop = asyncio.get_running_loop()
-    sent: list[float | None] = [None] * total
-    ack: list[float | None] = [None] * total
+    sent: list[float | None] = []
+    ack: list[float | None] = []
     failures = 0
+    max_late = 0.0  # how far behind its schedule the load fell at worst
     inflight = asyncio.Semaphore(256)
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
@@ -349,7 +505,7 @@ async def paced_load(url: str, rate: int, seconds: float, tag: str) -> dict[str,
         task_id = f"sse-{tag}-{i}"
         body = orjson.dumps(
             {
-                "id": f"lat-{i}",
+                "id": f"{event_prefix}-{i}",
                 "webhookId": "wh-bench",
                 "createdAt": now_ms,
                 "timestamp": now_ms,
@@ -357,10 +513,10 @@ async def paced_load(url: str, rate: int, seconds: float, tag: str) -> dict[str,
                 "payload": {
                     "task": {
                         "id": task_id,
-                        "type": "upload",
+                        "type": task_type,
                         "snapshot": {
                             "id": task_id,
-                            "type": "upload",
+                            "type": task_type,
                             "createdAt": now_ms,
                             "status": {"phase": "pending", "updatedAt": now_ms},
                         },
@@ -388,24 +544,34 @@ async def paced_load(url: str, rate: int, seconds: float, tag: str) -> dict[str,
     async with aiohttp.ClientSession(connector=connector) as session:
         start = loop.time()
         pending: set[asyncio.Task[None]] = set()
-        for i in range(total):
+        i = 0
+        while i != total and not (stop is not None and stop.is_set()):
             due = start + i / rate
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            else:
+                max_late = max(max_late, -delay)
+            sent.append(None)
+            ack.append(None)
             task = asyncio.create_task(one(session, i))
             pending.add(task)
             task.add_done_callback(pending.discard)
+            i += 1
+        end = loop.time()
         await asyncio.gather(*pending)
         elapsed = loop.time() - start
     acked = sum(1 for a in ack if a is not None)
     return {
         "sent": sent,
         "ack": ack,
-        "total": total,
+        "total": i,
         "acked": acked,
         "failures": failures,
-        "rate": round(total / elapsed, 1),
+        "rate": round(i / elapsed, 1),
+        "start": start,
+        "end": end,
+        "max_late_ms": round(max_late * 1000, 1),
     }
 
 
@@ -473,102 +639,185 @@ def latency_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def run_wrk(url: str, seconds: int) -> dict[str, Any]:
+def run_wrk(url: str, seconds: int, pids: dict[str, int]) -> tuple[dict[str, Any], float]:
+    """wrk's PWBENCH summary, and when it ended (monotonic). Its pid is in ``pids``
+    (``wrk``) while it runs, for the CPU sampler."""
     env = {
         **os.environ,
         "PHASEWATCH_BENCH_DELIVERIES": str(DELIVERIES),
         "PHASEWATCH_BENCH_THREADS": "1",
         "PHASEWATCH_BENCH_OFFSET": "0",
     }
-    done = subprocess.run(
+    with subprocess.Popen(
         ["wrk", "-t1", "-c32", f"-d{seconds}s", "--timeout=10s", "-s", str(LUA), url],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=seconds + 120,
-        check=False,
-    )
+    ) as proc:
+        pids["wrk"] = proc.pid
+        try:
+            stdout, stderr = proc.communicate(timeout=seconds + 120)
+        finally:
+            ended = time.monotonic()
+            del pids["wrk"]
+            if proc.poll() is None:
+                proc.kill()
     summary: dict[str, Any] = {}
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         kind, _, rest = line.partition(" ")
         if kind == "PWBENCH":
             summary = dict(kv.split("=", 1) for kv in rest.split() if "=" in kv)
     if not summary:
-        raise RuntimeError(f"no PWBENCH summary from wrk:\n{done.stdout}\n{done.stderr}")
-    return summary
+        raise RuntimeError(f"no PWBENCH summary from wrk:\n{stdout}\n{stderr}")
+    return summary, ended
 
 
-def throughput_part(args: argparse.Namespace) -> dict[str, Any]:
-    runs: list[dict[str, Any]] = []
-    for rnd in range(args.rounds):
-        order = ["without", "with"] if rnd % 2 == 0 else ["with", "without"]
-        for mode in order:
-            serve = Serve(f"wrk-{rnd}-{mode}", args.database_url)
-            clients = None
-            try:
-                if mode == "with":
-                    clients = Clients(serve.url, args.clients, 0, "count")
-                cpu0 = serve.cpu_s()
-                summary = run_wrk(serve.url, args.wrk_seconds)
-                cpu1 = serve.cpu_s()
-                streamed = clients.finish() if clients is not None else None
-            finally:
-                serve.stop()
-            errors = sum(
-                int(summary.get(k, 0))
-                for k in ("connect_errors", "read_errors", "write_errors", "timeout_errors")
-            )
-            run = {
-                "round": rnd,
-                "clients": mode,
-                "rps": float(summary["rps"]),
-                "non2xx": summary.get("non2xx"),
-                "errors": errors,
-                "wraps": summary.get("wraps"),
-                "server_cpu_s": {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items()},
-            }
-            if streamed is not None:
-                counts = streamed["counts"]
-                run["events_per_client"] = {"min": min(counts), "max": max(counts)}
-                run["reconnects"] = streamed["reconnects"]
-                run["clients_cpu_s"] = streamed["cpu_s"]
-            runs.append(run)
-            print(
-                f"  wrk round {rnd} {mode:>7} clients: {run['rps']:8.0f} webhooks/s; CPU s: "
-                f"server {run['server_cpu_s']}, clients {run.get('clients_cpu_s', '-')}",
-                flush=True,
-            )
-    without = [r["rps"] for r in runs if r["clients"] == "without"]
-    with_ = [r["rps"] for r in runs if r["clients"] == "with"]
+async def wrk_with_paced_load(
+    url: str, args: argparse.Namespace, tag: str, pids: dict[str, int]
+) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """The paced load of ``PACED_TYPE`` from PACED_LEAD_S before wrk starts until it
+    ends, wrk running meanwhile (on a thread: the load keeps this loop)."""
+    stop = asyncio.Event()
+    load = asyncio.create_task(
+        paced_load(url, args.rate, None, tag, stop=stop, task_type=PACED_TYPE, event_prefix="tp")
+    )
+    try:
+        await asyncio.sleep(PACED_LEAD_S)
+        summary, ended = await asyncio.to_thread(run_wrk, url, args.wrk_seconds, pids)
+    finally:
+        stop.set()
+    return summary, ended, await load
+
+
+def paced_report(load: dict[str, Any], t0: float, t1: float) -> dict[str, Any]:
+    """The paced load's figures: over its whole run and within wrk's window [t0, t1]."""
+    sent = [t for t in load["sent"] if t is not None]
+    in_window = sum(1 for t in sent if t0 <= t <= t1)
+    latency = [a - s for s, a in zip(load["sent"], load["ack"], strict=True) if a and s]
     return {
-        "runs": runs,
-        "median_without": statistics.median(without),
-        "median_with": statistics.median(with_),
-        "ratio": round(statistics.median(with_) / statistics.median(without), 3),
+        "type": PACED_TYPE,
+        "sent": load["total"],
+        "acked": load["acked"],
+        "failures": load["failures"],
+        "rate": load["rate"],
+        "rate_in_wrk_window": round(in_window / (t1 - t0), 1) if t1 > t0 else None,
+        "behind_schedule_max_ms": load["max_late_ms"],
+        "ack_ms": _percentiles(latency),
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, default=100)
-    parser.add_argument("--rate", type=int, default=1000, help="changes (webhooks) a second")
-    parser.add_argument("--seconds", type=float, default=20, help="latency run length")
-    parser.add_argument("--rounds", type=int, default=2, help="wrk runs of each kind")
-    parser.add_argument("--wrk-seconds", type=int, default=10)
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--database-url", default=None, help="PostgreSQL instead of SQLite")
-    parser.add_argument("--client", nargs=5, metavar=("URL", "N", "EXPECT", "MODE", "OUT"))
-    args = parser.parse_args()
-    if args.client:
-        url, n, expect, mode, out = args.client
-        client_main(url, int(n), int(expect), mode, Path(out))
-        return 0
-    load_at_start = os.getloadavg()
-    print(
-        f"latency: {args.clients} clients, {args.rate} changes/s for {args.seconds:g} s "
-        f"(load average now {load_at_start[0]:.1f} on {os.cpu_count()} CPUs)"
+def throughput_run(args: argparse.Namespace, scenario: str, rnd: int, mode: str) -> dict[str, Any]:
+    """One wrk run of ``scenario``, ``with`` or ``without`` the clients."""
+    serve = Serve(f"wrk-{scenario}-{rnd}-{mode}", args.database_url)
+    clients: Clients | None = None
+    sampler: CpuSampler | None = None
+    extra: dict[str, int] = {"loader": os.getpid()}
+    load: dict[str, Any] | None = None
+    try:
+        if mode == "with":
+            query = f"type={PACED_TYPE}" if scenario == "paced" else ""
+            clients = Clients(serve.url, args.clients, 0, "count", query)
+            extra["clients"] = clients.proc.pid
+        sampler = CpuSampler(lambda: {**serve.named_pids(), **extra})
+        if scenario == "paced":
+            tag = f"tp{rnd}{mode}"
+            summary, ended, load = asyncio.run(wrk_with_paced_load(serve.url, args, tag, extra))
+        else:
+            summary, ended = run_wrk(serve.url, args.wrk_seconds, extra)
+        sampler.stop()
+        if clients is None:
+            streamed = None
+        elif load is not None:  # every acknowledged change, within the grace period
+            streamed = clients.finish(want=load["acked"], grace=args.grace)
+        else:
+            streamed = clients.finish()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        serve.stop()
+    duration = int(summary["duration_us"]) / 1e6
+    errors = sum(
+        int(summary.get(k, 0))
+        for k in ("connect_errors", "read_errors", "write_errors", "timeout_errors")
     )
-    latency = latency_part(args)
+    run: dict[str, Any] = {
+        "round": rnd,
+        "clients": mode,
+        "rps": float(summary["rps"]),
+        "non2xx": summary.get("non2xx"),
+        "errors": errors,
+        "wraps": summary.get("wraps"),
+        "wrk_p99_ms": round(int(summary.get("lat_p99_us", 0)) / 1000, 1),
+        # wrk's window only (its set-up, loading the deliveries, comes before it)
+        "cpu_s": sampler.window(ended - duration, ended),
+    }
+    if load is not None:
+        run["paced"] = paced_report(load, ended - duration, ended)
+    if streamed is not None:
+        counts = streamed["counts"]
+        run["events_per_client"] = {"min": min(counts), "max": max(counts)}
+        run["reconnects"] = streamed["reconnects"]
+        if load is not None:
+            # Every acknowledged paced change was committed before the clients were
+            # stopped; more than were sent would be a change received twice.
+            run["missed_max"] = max(load["acked"] - min(counts), 0)
+            run["every_client_every_change"] = (
+                min(counts) >= load["acked"] and max(counts) <= load["total"]
+            )
+            run["clients_complete_after_s"] = streamed["complete_after_s"]
+    return run
+
+
+def _fmt_cpu(cpu: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+
+
+def throughput_part(args: argparse.Namespace, scenario: str) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+    ratios: list[float] = []
+    for rnd in range(args.rounds):
+        order = ["without", "with"] if rnd % 2 == 0 else ["with", "without"]
+        pair: dict[str, float] = {}
+        for mode in order:
+            run = throughput_run(args, scenario, rnd, mode)
+            runs.append(run)
+            pair[mode] = run["rps"]
+            line = f"  round {rnd} {mode:>7}: wrk {run['rps']:6.0f} req/s"
+            if "paced" in run:
+                paced = run["paced"]
+                line += (
+                    f"; paced {paced['rate_in_wrk_window']}/s, {paced['acked']} acked, "
+                    f"{paced['failures']} failed, 2xx p99 {paced['ack_ms'].get('p99')} ms"
+                )
+            if "events_per_client" in run:
+                got = run["events_per_client"]
+                line += f"; clients got {got['min']}..{got['max']}"
+                if "missed_max" in run:
+                    line += f" (missed {run['missed_max']})"
+            print(f"{line}\n      CPU s: {_fmt_cpu(run['cpu_s'])}", flush=True)
+        ratios.append(round(pair["with"] / pair["without"], 3))
+    without = [r["rps"] for r in runs if r["clients"] == "without"]
+    with_ = [r["rps"] for r in runs if r["clients"] == "with"]
+    result: dict[str, Any] = {
+        "scenario": scenario,
+        "runs": runs,
+        "median_without": statistics.median(without),
+        "median_with": statistics.median(with_),
+        "spread_without": {"min": min(without), "max": max(without)},
+        "spread_with": {"min": min(with_), "max": max(with_)},
+        "round_ratios": ratios,
+        "ratio": statistics.median(ratios),  # median of the per-round with/without ratios
+        "ratio_of_medians": round(statistics.median(with_) / statistics.median(without), 3),
+    }
+    if scenario == "paced":
+        result["every_client_every_change"] = all(
+            r["every_client_every_change"] for r in runs if r["clients"] == "with"
+        )
+    return result
+
+
+def print_latency(latency: dict[str, Any]) -> None:
     c2c = latency["commit_to_client_ms"] or {}
     rss = latency["rss_mb"]
     print(
@@ -585,23 +834,82 @@ def main() -> int:
         f"  server RSS MB: idle {rss['idle_with_clients']}, first third {rss['first_third_mean']},"
         f" last third {rss['last_third_mean']}, max {rss['max']}"
     )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--rate", type=int, default=1000, help="changes (webhooks) a second")
+    parser.add_argument("--seconds", type=float, default=20, help="latency run length")
+    parser.add_argument("--rounds", type=int, default=2, help="wrk runs of each kind")
+    parser.add_argument("--wrk-seconds", type=int, default=10)
+    parser.add_argument(
+        "--throughput-scenario",
+        default="paced",
+        help="paced (the clients get --rate changes/s among wrk's), all (they stream "
+        "everything wrk commits), or both: paced,all",
+    )
+    parser.add_argument(
+        "--grace", type=float, default=5, help="s the clients get after wrk to catch up"
+    )
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--database-url", default=None, help="PostgreSQL instead of SQLite")
+    parser.add_argument("--client", nargs=5, metavar=("URL", "N", "EXPECT", "MODE", "OUT"))
+    parser.add_argument("--client-query", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        url, n, expect, mode, out = args.client
+        client_main(url, int(n), int(expect), mode, Path(out), query=args.client_query)
+        return 0
+    scenarios = [s for s in args.throughput_scenario.split(",") if s]
+    if not scenarios or set(scenarios) - set(SCENARIOS):
+        parser.error(f"--throughput-scenario: a comma-separated list of {', '.join(SCENARIOS)}")
+    load_at_start = os.getloadavg()
     report: dict[str, Any] = {
-        "latency": latency,
         "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_at_start},
     }
+    if not args.skip_latency:
+        print(
+            f"latency: {args.clients} clients, {args.rate} changes/s for {args.seconds:g} s "
+            f"(load average now {load_at_start[0]:.1f} on {os.cpu_count()} CPUs)"
+        )
+        report["latency"] = latency = latency_part(args)
+        print_latency(latency)
+    status = 0
     if not args.skip_throughput:
         if shutil.which("wrk") is None or not DELIVERIES.exists():
             print("throughput: skipped (needs wrk and the deliveries of bench/webhook_bench.py)")
         else:
-            print(f"throughput: wrk -t1 -c32 -d{args.wrk_seconds}s, alternating, x{args.rounds}")
-            report["throughput"] = tp = throughput_part(args)
-            print(
-                f"  median webhooks/s without clients {tp['median_without']:.0f}, with "
-                f"{args.clients} clients {tp['median_with']:.0f} (ratio {tp['ratio']})"
-            )
+            report["throughput"] = {}
+            for scenario in scenarios:
+                what = (
+                    f" + {args.rate} paced webhooks/s of type {PACED_TYPE}, the clients on "
+                    f"?type={PACED_TYPE}"
+                    if scenario == "paced"
+                    else ", the clients on everything"
+                )
+                print(
+                    f"throughput [{scenario}]: wrk -t1 -c32 -d{args.wrk_seconds}s{what}; "
+                    f"rounds: {args.rounds}, alternating (load average "
+                    f"{os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+                report["throughput"][scenario] = tp = throughput_part(args, scenario)
+                print(
+                    f"  wrk req/s without clients: median {tp['median_without']:.0f} (min "
+                    f"{tp['spread_without']['min']:.0f}, max {tp['spread_without']['max']:.0f});"
+                    f" with {args.clients} clients: median {tp['median_with']:.0f} (min "
+                    f"{tp['spread_with']['min']:.0f}, max {tp['spread_with']['max']:.0f})\n"
+                    f"  with/without: median of rounds {tp['ratio']} {tp['round_ratios']}, "
+                    f"ratio of medians {tp['ratio_of_medians']}"
+                )
+                if tp.get("every_client_every_change") is False:
+                    print("  FAILED: a client missed paced changes that were acknowledged")
+                    status = 1
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sse.json").write_text(json.dumps(report, indent=1))
-    return 0
+    return status
 
 
 if __name__ == "__main__":
