@@ -219,7 +219,8 @@ def write_planned(
 ) -> int | None:
     """In the writer's transaction: write ``planned`` if what it assumed holds, and return
     the outbox seq its changes follow; None (nothing written) if it does not."""
-    checked: list[DedupKey] = [(row.task_id, row.event_id) for row in planned.rows.events]
+    # By position: the rows crossed from another process as plain tuples (Rows.__reduce__).
+    checked: list[DedupKey] = [(row[1], row[0]) for row in planned.rows.events]
     checked.extend(planned.known)
     current = read_current(con, {t for t, _ in checked if t is not None})
     for task_id, view_row in planned.assumed.items():

@@ -106,6 +106,20 @@ class Rows:
     tasks: list[TaskRow]
     changes: list[ChangeRow]
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (to the writer process) as plain tuples: a named tuple pickles as a
+        # class call per row, which took twice as long each way. They come back as
+        # plain tuples, which is all the writer does with them: it unpacks them by
+        # position (write_rows, write_planned), never by name.
+        return (
+            Rows,
+            (
+                [tuple(e) for e in self.events],
+                [tuple(t) for t in self.tasks],
+                [tuple(c) for c in self.changes],
+            ),
+        )
+
 
 def plan_rows(plan: BatchPlan) -> Rows:
     """The rows that write ``plan``. Pure."""
@@ -154,7 +168,9 @@ def write_rows(
     the numbered tasks among those the rows touch. Returns the outbox seq the batch's
     changes follow (the first is that plus one)."""
     numbers = {task_id: c.no for task_id, c in current.items()}
-    new_tasks = [row.task_id for row in rows.tasks if row.task_id not in numbers]
+    # By position (row[0]: the task id): rows that crossed from another process are
+    # plain tuples (see Rows.__reduce__).
+    new_tasks = [row[0] for row in rows.tasks if row[0] not in numbers]
     if new_tasks:
         # We hold the write lock: the next numbers are ours to hand out.
         (top,) = con.execute("SELECT coalesce(max(no), 0) FROM task_numbers").fetchone()
