@@ -869,6 +869,11 @@ async def test_process_writer_answers_queued_batches_in_order(tmp_path: Path) ->
         await store.close()
 
 
+def _open_files(pid: int) -> set[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    return {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
+
+
 @pytest.mark.slow  # spawns a writer process
 async def test_process_store_opens_only_once_its_writer_holds_the_database(
     tmp_path: Path,
@@ -881,9 +886,7 @@ async def test_process_store_opens_only_once_its_writer_holds_the_database(
     try:
         pid = store.writer_pid
         assert pid is not None
-        fds = Path(f"/proc/{pid}/fd")
-        opened = {os.path.realpath(fds / fd) for fd in os.listdir(fds)}
-        assert str(path.resolve()) in opened
+        assert str(path.resolve()) in _open_files(pid)
     finally:
         await store.close()
 
