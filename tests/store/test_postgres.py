@@ -441,3 +441,19 @@ async def test_writes_fail_while_the_server_is_down_and_resume_after(
         assert [e.event_id for e in await store.task_history("T")] == ["e1", "e2"]
     finally:
         await store.close()
+
+
+async def test_pooled_statements_are_planned_with_the_statistics_of_the_moment(
+    pg_url: str,
+) -> None:
+    # A generic plan made while the tables were nearly empty scans them whole once they
+    # have grown (the dispatcher's reads slowed down second by second under load).
+    store = PostgresStore(pg_url)
+    await store.open()
+    try:
+        pool = store._pool
+        assert pool is not None
+        async with pool.acquire() as con:
+            assert await con.fetchval("SHOW plan_cache_mode") == "force_custom_plan"
+    finally:
+        await store.close()

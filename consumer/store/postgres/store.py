@@ -160,6 +160,13 @@ class PostgresStore:
                 # session state behind: the migration lock is released explicitly and
                 # LISTEN has its own connection outside the pool.
                 reset=_keep_session,
+                # Every statement planned with the statistics of the moment. After five
+                # runs the server may switch a prepared statement to a generic plan, and
+                # one made while the tables were nearly empty scans them whole as they
+                # grow: the dispatcher's outbox and delivery reads got slower with every
+                # second of bench/dispatch_latency.py (median 3 ms to 53 ms over 40 s,
+                # p99 86 ms; with custom plans flat at 3-6 ms, p99 29 ms).
+                server_settings={"plan_cache_mode": "force_custom_plan"},
             )
         except (OSError, TimeoutError) as exc:
             raise StoreOpenError(f"{where}: cannot connect: {_reason(exc)}") from exc
