@@ -59,7 +59,7 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-async def fill(bootstrap: str, topic: str, n: int) -> None:
+async def fill(bootstrap: str, topic: str, n: int, partitions: int = 3) -> None:
     from aiokafka import AIOKafkaProducer
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from ingest_bench import make_bodies
@@ -67,7 +67,9 @@ async def fill(bootstrap: str, topic: str, n: int) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, num_partitions=3, replication_factor=1)])
+        await admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+        )
     finally:
         await admin.close()
     bodies = make_bodies(n)
@@ -92,7 +94,9 @@ async def fill(bootstrap: str, topic: str, n: int) -> None:
     finally:
         await producer.stop()
     print(
-        f"filled {topic} with {n} events in {time.perf_counter() - started:.1f}s", file=sys.stderr
+        f"filled {topic} ({partitions} partitions) with {n} events"
+        f" in {time.perf_counter() - started:.1f}s",
+        file=sys.stderr,
     )
 
 

@@ -55,8 +55,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(REPO))
@@ -118,48 +116,6 @@ def quix_python() -> tuple[Path, str, str]:
     how = spec if spec == QUIX_WANTED else f"{spec} ({QUIX_WANTED} did not install)"
     note_path.write_text(how + "\n")
     return python, version, how
-
-
-async def fill(bootstrap: str, topic: str, n: int, partitions: int) -> None:
-    """kafka_bench.fill, with the partition count as a parameter (kafka_bench's is 3)."""
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from ingest_bench import make_bodies
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
-        )
-    finally:
-        await admin.close()
-    bodies = make_bodies(n)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        acks="all",
-        linger_ms=20,
-        max_batch_size=512 * 1024,
-        compression_type=None,
-    )
-    await producer.start()
-    started = time.perf_counter()
-    try:
-        pending = []
-        for body in bodies:
-            key = orjson.loads(body)["payload"]["task"]["id"].encode()
-            pending.append(await producer.send(topic, value=body, key=key))
-            if len(pending) >= 20_000:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    print(
-        f"filled {topic} ({partitions} partitions) with {n} events"
-        f" in {time.perf_counter() - started:.1f}s",
-        file=sys.stderr,
-    )
 
 
 def run_phasewatch_child(bootstrap: str, topic: str, n: int) -> dict[str, Any]:
@@ -394,7 +350,7 @@ def main() -> int:
             stack.callback(broker.close)
         topic = args.topic or f"peer-quix-{uuid.uuid4().hex[:8]}"
         if not args.topic:
-            asyncio.run(fill(bootstrap, topic, args.events, args.partitions))
+            asyncio.run(kafka_bench.fill(bootstrap, topic, args.events, args.partitions))
         for round_no in range(args.rounds):
             order = kinds if round_no % 2 == 0 else kinds[::-1]
             for kind in order:
