@@ -7,24 +7,30 @@ Driver: asyncpg (binary protocol; measured against psycopg 3 in
 write is one transaction on one of them, retried from scratch on a deadlock or a
 serialization failure (both mean "nothing was written, try again").
 
-**Many writers.** An ingest transaction, in this order:
+**Many writers.** An ingest is optimistic, in two round trips, each its own implicit
+transaction:
 
-1. locks the batch's tasks: one ``INSERT INTO task_ids ... ON CONFLICT DO UPDATE ...
-   WHERE false`` over the ids *sorted*, which inserts the new ones and row-locks the
-   known ones without writing them. Two replicas folding the same task take turns (no
-   lost update); the fixed order cannot deadlock;
-2. reads the view rows and the stored event ids it folds against, under those locks;
-3. plans the batch (:func:`~consumer.core.plan.plan_batch`, the one fold path) and
-   upserts the view rows;
-4. takes the seqs, last: ``UPDATE counters ... RETURNING``. That row lock is held until
-   ``COMMIT``, so allocation is serialized with commit and seqs become visible in commit
-   order: a reader that saw seq *n* never later finds a lower one (the contract's rule;
-   a sequence would break it, see ``tests/store/test_postgres.py``). Only the history
-   and outbox inserts and the commit itself run under it;
-5. inserts the history and outbox rows, and commits.
+1. ``phasewatch_read`` reads the view rows of the batch's tasks, each with its ``rev``,
+   and which of the batch's events are stored. No locks;
+2. the batch is planned (:func:`~consumer.core.plan.plan_batch`, the one fold path);
+3. ``phasewatch_write`` writes it: it row-locks the tasks of the batch's new events
+   (``INSERT INTO task_ids ... ON CONFLICT DO UPDATE ... WHERE false`` over the ids in
+   order: writers of a task take turns, and a fixed order cannot deadlock), updates each
+   view row only where it is still at the rev read (and inserts the new ones only where
+   still absent), then takes the seqs, ``UPDATE counters ... RETURNING``, and inserts the
+   history and outbox rows. The counters row lock is held until the commit, so seqs
+   become visible in commit order: a reader that saw seq *n* never later finds a lower
+   one (the contract's rule; a sequence would break it, see
+   ``tests/store/test_postgres.py``). Under it run only the inserts and the commit
+   itself, with no round trip to this process in between.
 
-A phase change is recorded exactly once: the task's row lock makes the second replica
-fold against the first one's committed view, where the change is already made.
+If a row moved since the read (another replica folded the same task), the write raises
+``serialization_failure`` and has written nothing. The batch is then read again with
+``take_locks`` (the same task_ids locks, taken before the read, in a transaction), which
+no other writer can move, and written with the same function. A stored event that a
+concurrent writer stored too is caught by the history's unique index (retried the same
+way). So a phase change is recorded exactly once: a second replica always folds against
+the first one's committed view, where the change is already made.
 
 **Durability** is the server's: ``synchronous_commit`` as configured (on by default), so a
 2xx to a webhook sender follows a durable commit.
@@ -49,7 +55,7 @@ from yarl import URL
 from consumer.core.change import ChangeRecord, stale_kind
 from consumer.core.codec import Event, EventFormat, decode
 from consumer.core.fold import TaskState
-from consumer.core.plan import DedupKey, decode_keys, encode_keys, plan_batch
+from consumer.core.plan import BatchPlan, DedupKey, decode_keys, encode_keys, plan_batch
 from consumer.core.receipt import Receipt
 from consumer.store.base import (
     REPLAYED_SOURCES,
@@ -67,6 +73,7 @@ from consumer.store.base import (
     ingest_decoded,
 )
 from consumer.store.migrations import Migration, pending, too_new
+from consumer.store.postgres.flights import Flight, Flights, Row
 from consumer.store.postgres.migrations import MIGRATIONS
 
 __all__ = ["PostgresStore", "display_url"]
@@ -84,6 +91,11 @@ _RETRY = (
     asyncpg.UniqueViolationError,
 )
 _TX_ATTEMPTS = 8
+
+
+class _Stale(Exception):
+    """A batch planned on top of one in flight that did not commit as planned."""
+
 
 # The advisory lock key that migrations run under ("phasewatch" in ASCII, shortened).
 _MIGRATION_LOCK = 0x7068617365
@@ -130,9 +142,12 @@ class PostgresStore:
         self._pool: asyncpg.Pool | None = None
         self._wakers: list[Callable[[], None]] = []
         self._listener: asyncio.Task[None] | None = None
-        # A test seam: awaited inside an ingest transaction right before COMMIT (after
-        # the seqs are taken), to hold a writer there while others run.
-        self.before_commit: Callable[[], Awaitable[None]] | None = None
+        self._flights = Flights()
+        # Batches whose optimistic write found a task moved and went again under locks.
+        self.optimistic_conflicts = 0
+        # A test seam: awaited between an ingest's read and its write, to let another
+        # writer move the batch's tasks in between.
+        self.after_read: Callable[[], Awaitable[None]] | None = None
 
     @property
     def pipeline_depth(self) -> int:
@@ -266,9 +281,39 @@ class PostgresStore:
         record_changes: bool = True,
     ) -> IngestResult:
         batch = list(events)
-        return await self._write(
-            lambda con: self._ingest_in_tx(con, batch, source, received_at, record_changes)
-        )
+        mine = sorted({e.task_id for e in batch if e.task_id is not None})
+        flight, earlier = self._flights.start(mine)
+        committed = False
+        try:
+            # Optimistic first: read without locks, write in one implicit transaction
+            # (two round trips), on top of this process's batches still in flight
+            # (consumer.store.postgres.flights). If a task moved in between, nothing was
+            # written: read again under the row locks, in a transaction, where no
+            # writer can move it.
+            try:
+                async with self._p().acquire() as con:
+                    result = await self._ingest_on(
+                        con,
+                        batch,
+                        source,
+                        received_at,
+                        record_changes=record_changes,
+                        flight=flight,
+                        earlier=earlier,
+                    )
+                committed = True
+                return result
+            except (*_RETRY, _Stale):
+                self.optimistic_conflicts += 1
+            flight.finish(False)  # the batches planned on top of this one go again too
+            return await self._write(
+                lambda con: self._ingest_on(
+                    con, batch, source, received_at, record_changes=record_changes, take_locks=True
+                )
+            )
+        finally:
+            flight.finish(committed)
+            self._flights.end(flight, mine)
 
     async def ingest_raw(
         self,
@@ -285,65 +330,59 @@ class PostgresStore:
             self, raws, source, received_at, record_changes=record_changes, receipts=receipts
         )
 
-    async def _ingest_in_tx(
+    async def _ingest_on(
         self,
         con: asyncpg.Connection,
         events: list[Event],
         source: str,
         received_at: int,
+        *,
         record_changes: bool,
+        flight: Flight | None = None,
+        earlier: Mapping[str, Flight] | None = None,
+        take_locks: bool = False,
     ) -> IngestResult:
-        task_ids = sorted({e.task_id for e in events if e.task_id is not None})
-        states: dict[str, TaskState] = {}
-        versions: dict[str, int] = {}
-        known: list[DedupKey] = []
+        # The rows to fold against: from the batches in flight ahead of this one where
+        # they hold the task, from the database for the rest.
+        ahead = set(earlier.values()) if earlier else set()
+        rows, known = await _rows_ahead(earlier or {})
         tasked = [e for e in events if e.task_id is not None]
-        rows = await con.fetch(
-            _LOCK_AND_READ,
-            task_ids,
+        for kind, task_id, event_id, doc, keys, version, rev in await con.fetch(
+            _READ,
+            take_locks,
+            sorted({t for e in tasked if (t := e.task_id) is not None and t not in rows}),
             [e.task_id for e in tasked],
             [e.id for e in tasked],
             [e.id for e in events if e.task_id is None],
-        )
-        for kind, task_id, event_id, doc, keys, version in rows:
+        ):
             if kind == 0:
-                states[task_id] = TaskState(orjson.loads(doc), decode_keys(keys))
-                versions[task_id] = version
+                rows[task_id] = Row(TaskState(orjson.loads(doc), decode_keys(keys)), version, rev)
             else:
-                known.append((task_id, event_id))
+                known.add((task_id, event_id))
+        if self.after_read is not None:
+            await self.after_read()
         plan = plan_batch(
             events,
             known,
-            states,
+            {task_id: row.state for task_id, row in rows.items()},
             record_updates=self.record_updates,
             record_changes=record_changes,
         )
-        tasks: list[list[Any]] = [[] for _ in range(7)]
-        for task_id, state in plan.states.items():
-            task_type = state.task.get("type")
-            version = versions.get(task_id, 0) + (task_id in plan.versions_bumped)
-            for column, value in zip(
-                tasks,
-                (
-                    task_id,
-                    task_type if isinstance(task_type, str) else None,
-                    state.phase,
-                    float(state.updated_at),
-                    version,
-                    orjson.dumps(state.task),
-                    encode_keys(state.keys),
-                ),
-                strict=True,
-            ):
-                column.append(value)
+        created, updated, after = _view_columns(plan, rows)
+        if flight is not None:
+            flight.plan_made(after, {(e.task_id, e.id) for e in plan.new_events})
+        if ahead:
+            await asyncio.wait([f.written for f in ahead])
+            if not all(f.written.result() for f in ahead):
+                raise _Stale
         new, changes = plan.new_events, plan.changes
         base = 0
         if new or changes or plan.states:
-            # One statement: the view rows, then the seqs (the counters row lock, held
-            # until COMMIT), the history and the outbox.
-            _, changes_top, _ = await con.fetchrow(
+            _, changes_top = await con.fetchrow(
                 _WRITE,
-                *tasks,
+                sorted({e.task_id for e in new if e.task_id is not None}),
+                *created,
+                *updated,
                 len(new),
                 len(changes),
                 source,
@@ -366,8 +405,6 @@ class PostgresStore:
                 [c.traceparent for c in changes],
             )
             base = changes_top - len(changes)
-        if self.before_commit is not None:
-            await self.before_commit()
         recorded = [c.recorded(seq, received_at) for seq, c in enumerate(plan.changes, base + 1)]
         return IngestResult(plan.outcomes, recorded)
 
@@ -558,7 +595,8 @@ class PostgresStore:
                 " ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,"
                 " updated_at = excluded.updated_at,"
                 " version = tasks.version + (tasks.doc IS DISTINCT FROM excluded.doc)::int,"
-                " doc = excluded.doc, keys = excluded.keys"
+                # A new rev: an ingest that read a row before the swap must read it again.
+                " doc = excluded.doc, keys = excluded.keys, rev = tasks.rev + 1"
             )
             await con.execute("DELETE FROM tasks_rebuild")
             count: int = await con.fetchval("SELECT count(*) FROM tasks")
@@ -863,6 +901,56 @@ class PostgresStore:
         return StoreStats(events, tasks, changes, last_change, events)
 
 
+async def _rows_ahead(earlier: Mapping[str, Flight]) -> tuple[dict[str, Row], set[DedupKey]]:
+    """The rows a batch takes from the flights ahead of it (``earlier``: per task, the
+    latest), once they are planned, and the event keys those will have stored."""
+    rows: dict[str, Row] = {}
+    known: set[DedupKey] = set()
+    ahead = set(earlier.values())
+    if not ahead:
+        return rows, known
+    await asyncio.wait([f.planned for f in ahead])
+    for task_id, before in earlier.items():
+        row = before.view.get(task_id)
+        if row is not None:
+            rows[task_id] = row
+    for before in ahead:
+        known |= before.new_keys
+    return rows, known
+
+
+def _view_columns(
+    plan: BatchPlan, rows: Mapping[str, Row]
+) -> tuple[list[list[Any]], list[list[Any]], dict[str, Row]]:
+    """A plan's view rows as the write's columns, in two sets: created (read as absent)
+    and updated (with the rev they were read at, which the write checks); and every row
+    of the batch as the write will leave it, for the batches planned on top of it."""
+    created: list[list[Any]] = [[] for _ in range(7)]
+    updated: list[list[Any]] = [[] for _ in range(8)]
+    after = dict(rows)
+    for task_id, state in plan.states.items():
+        task_type = state.task.get("type")
+        row = rows.get(task_id)
+        version = (0 if row is None else row.version) + (task_id in plan.versions_bumped)
+        values = (
+            task_id,
+            task_type if isinstance(task_type, str) else None,
+            state.phase,
+            float(state.updated_at),
+            version,
+            orjson.dumps(state.task),
+            encode_keys(state.keys),
+        )
+        if row is None:
+            for column, value in zip(created, values, strict=True):
+                column.append(value)
+        else:
+            for column, value in zip(updated, (*values, row.rev), strict=True):
+                column.append(value)
+        after[task_id] = Row(state, version, 1 if row is None else row.rev + 1)
+    return created, updated, after
+
+
 def _rebuild_columns(states: Mapping[str, TaskState]) -> list[list[Any]]:
     columns: list[list[Any]] = [[] for _ in range(6)]
     for task_id, state in states.items():
@@ -893,44 +981,12 @@ def _reason(exc: BaseException) -> str:
 
 _CHANNEL = "phasewatch_changes"
 _PRUNED_UPTO = "phasewatch:changes_pruned_upto"
-_LOCK_AND_READ = "SELECT * FROM phasewatch_lock_and_read($1, $2, $3, $4)"
-# $1-$7 the view rows; $8-$9 how many events and changes; $10-$11 source and receipt
-# time; $12-$19 the events (with their receipts); $20-$27 the changes (with their
-# traceparents).
-_WRITE = """
-WITH up AS (
-    INSERT INTO tasks (id, type, phase, updated_at, version, doc, keys)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], $5::bigint[],
-                         $6::bytea[], $7::bytea[])
-    ON CONFLICT (id) DO UPDATE SET type = excluded.type, phase = excluded.phase,
-        updated_at = excluded.updated_at, version = excluded.version, doc = excluded.doc,
-        keys = excluded.keys
-), alloc AS (
-    UPDATE counters SET events = events + $8, changes = changes + $9
-    RETURNING events, changes
-), ev AS (
-    INSERT INTO events (seq, event_id, task_id, kind, format, source, received_at,
-                        created_at, updated_at, raw, receipt)
-    SELECT alloc.events - $8 + u.n, u.event_id, u.task_id, u.kind, u.format, $10, $11,
-           u.created_at, u.updated_at, u.raw, u.receipt
-    FROM alloc, unnest($12::text[], $13::text[], $14::text[], $15::text[], $16::float8[],
-                       $17::float8[], $18::bytea[], $19::text[])
-         WITH ORDINALITY AS u(event_id, task_id, kind, format, created_at, updated_at, raw,
-                              receipt, n)
-), ch AS (
-    INSERT INTO changes (seq, task_id, event_id, previous_phase, phase, changed_at,
-                         recorded_at, task, kind, traceparent)
-    SELECT alloc.changes - $9 + u.n, u.task_id, u.event_id, u.previous_phase, u.phase,
-           u.changed_at, $11, u.task, u.kind, u.traceparent
-    FROM alloc, unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::float8[],
-                       $25::bytea[], $26::text[], $27::text[])
-         WITH ORDINALITY AS u(task_id, event_id, previous_phase, phase, changed_at, task, kind,
-                              traceparent, n)
+_READ = "SELECT * FROM phasewatch_read($1, $2, $3, $4, $5)"
+_WRITE = (
+    "SELECT * FROM phasewatch_write($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,"
+    " $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30,"
+    " $31, $32, $33, $34, $35, $36)"
 )
--- Wakes every replica's dispatcher at COMMIT (notifications of one transaction fold).
-SELECT events, changes, CASE WHEN $9 > 0 THEN pg_notify('phasewatch_changes', '') END
-FROM alloc
-"""
 # The tasks due a stale alert (see StaleStore.record_stale), oldest first: in the phase
 # since the cutoff or before (tasks_by_phase), not alerted for this updatedAt and
 # threshold, and watched: the task's last recorded phase change led here, or a live
