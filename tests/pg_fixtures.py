@@ -111,3 +111,66 @@ async def pg_url(pg_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server."""
     pg_server.ensure_running()
     return await pg_server.create_database()
+
+
+class OutboxGate:
+    """Holds every writer of the database at its first outbox insert (after it has taken
+    its seqs and its row locks, before its commit) until :meth:`open`: a trigger on
+    ``changes`` that waits for an advisory lock the gate holds. A writer's transaction
+    runs in the server, with no pause in this process to hook into, so the hold is
+    made there.
+
+        async with OutboxGate(url) as gate:
+            ...                  # writers that reach the outbox wait
+            await gate.open()    # they go on
+    """
+
+    KEY = 0x6761746500  # "gate"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._con: asyncpg.Connection | None = None
+        self._held = False
+
+    async def __aenter__(self) -> OutboxGate:
+        self._con = await asyncpg.connect(self.url)
+        await self._con.execute(
+            "CREATE FUNCTION test_outbox_gate() RETURNS trigger LANGUAGE plpgsql AS"
+            f" $$ BEGIN PERFORM pg_advisory_xact_lock_shared({self.KEY}); RETURN NEW; END $$;"
+            " CREATE TRIGGER test_outbox_gate BEFORE INSERT ON changes"
+            " FOR EACH ROW EXECUTE FUNCTION test_outbox_gate()"
+        )
+        await self._con.execute("SELECT pg_advisory_lock($1)", self.KEY)
+        self._held = True
+        return self
+
+    async def open(self) -> None:
+        assert self._con is not None
+        if self._held:
+            await self._con.execute("SELECT pg_advisory_unlock($1)", self.KEY)
+            self._held = False
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._con is not None
+        try:
+            await self.open()
+            await self._con.execute(
+                "DROP TRIGGER test_outbox_gate ON changes; DROP FUNCTION test_outbox_gate()"
+            )
+        finally:
+            await self._con.close()
+
+
+async def lock_waits(url: str) -> list[str]:
+    """What each session of the database that waits on a lock waits for (its
+    ``wait_event``: "advisory" at an :class:`OutboxGate`, "transactionid" behind another
+    writer's row lock ...), sorted."""
+    con = await asyncpg.connect(url)
+    try:
+        rows = await con.fetch(
+            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        )
+    finally:
+        await con.close()
+    return sorted(row[0] for row in rows)

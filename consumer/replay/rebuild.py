@@ -10,6 +10,8 @@ run again, it continues from there.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -18,7 +20,13 @@ from consumer.core.codec import DecodeError, Event, decode
 from consumer.core.fold import TaskState
 from consumer.core.plan import plan_batch
 from consumer.replay.job import Checkpoint, Interrupted, Job
-from consumer.store.base import HistoryEntry, HistoryStore, MetaStore, RebuildStore, ViewStore
+from consumer.store.base import (
+    HistoryEntry,
+    HistoryStore,
+    MetaStore,
+    RebuildStore,
+    ViewStore,
+)
 
 __all__ = ["Interrupted", "RebuildReport", "RebuildingStore", "fold_entries", "rebuild"]
 
@@ -83,32 +91,73 @@ async def rebuild(
         upto, after = stats.last_event_seq, None
         if not check:
             await store.discard_rebuilt()
-    while True:
-        ids = await store.task_ids_after(after, batch_tasks)
-        if not ids:
-            break
-        entries = await store.history_of_tasks(ids, upto)
-        report.events += len(entries)
-        by_task, bad = fold_entries(entries)
-        report.undecodable += bad
-        states = {t: s for t, evs in by_task.items() if (s := _fold_task(evs)) is not None}
-        if check:
-            await _compare(store, states, report)
-        else:
-            await store.stage_rebuilt(states)
-        report.tasks += len(states)
-        after = ids[-1]
-        if not check:
-            await checkpoint.save({"upto": upto, "after": after, "tasks": report.tasks})
-        job.report(report.tasks, stats.tasks)
-        if job.batch_done():
-            raise Interrupted(f"rebuild stopped after {report.tasks} tasks")
+    await _fold_all(
+        store,
+        after=after,
+        check=check,
+        batch_tasks=batch_tasks,
+        upto=upto,
+        checkpoint=checkpoint,
+        report=report,
+        job=job,
+        total=stats.tasks,
+    )
     if check:
         report.extra = max(0, stats.tasks - (report.tasks - len(report.missing)))
     else:
         await store.swap_rebuilt(upto)
         await checkpoint.clear()
     return report
+
+
+async def _read(
+    store: RebuildingStore, after: str | None, batch_tasks: int, upto: int
+) -> tuple[list[str], list[HistoryEntry]] | None:
+    ids = await store.task_ids_after(after, batch_tasks)
+    if not ids:
+        return None
+    return ids, await store.history_of_tasks(ids, upto)
+
+
+async def _fold_all(
+    store: RebuildingStore,
+    *,
+    after: str | None,
+    check: bool,
+    batch_tasks: int,
+    upto: int,
+    checkpoint: Checkpoint,
+    report: RebuildReport,
+    job: Job,
+    total: int,
+) -> None:
+    """The batches of tasks after ``after``, folded and staged (``check``: compared)."""
+    # One batch read ahead: the store reads the next tasks' history (on PostgreSQL, in
+    # the server's process) while this one folds and stages the current ones.
+    ahead = asyncio.ensure_future(_read(store, after, batch_tasks, upto))
+    try:
+        while (batch := await ahead) is not None:
+            ids, entries = batch
+            after = ids[-1]
+            ahead = asyncio.ensure_future(_read(store, after, batch_tasks, upto))
+            report.events += len(entries)
+            by_task, bad = fold_entries(entries)
+            report.undecodable += bad
+            states = {t: s for t, evs in by_task.items() if (s := _fold_task(evs)) is not None}
+            if check:
+                await _compare(store, states, report)
+            else:
+                await store.stage_rebuilt(states)
+            report.tasks += len(states)
+            if not check:
+                await checkpoint.save({"upto": upto, "after": after, "tasks": report.tasks})
+            job.report(report.tasks, total)
+            if job.batch_done():
+                raise Interrupted(f"rebuild stopped after {report.tasks} tasks")
+    finally:
+        ahead.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ahead
 
 
 async def _compare(store: ViewStore, states: dict[str, TaskState], report: RebuildReport) -> None:

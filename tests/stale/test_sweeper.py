@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import asyncpg
 import orjson
 
 from consumer.api.metrics import render
@@ -21,6 +20,7 @@ from consumer.store.base import REPLAYED_SOURCES, Store
 from consumer.store.memory import MemoryStore
 from consumer.store.postgres.store import PostgresStore
 from consumer.store.sqlite.store import SQLiteStore
+from tests.pg_fixtures import OutboxGate, lock_waits
 from tests.replay.support import opened, parse, settings_for
 from tests.stale.support import FIVE_MIN, MINUTE, put
 from tests.support import snapshot, wait_until, webhook_body
@@ -149,39 +149,27 @@ async def test_an_alert_never_lands_behind_a_newer_snapshot_on_postgres(pg_url: 
     await other.open()
     try:
         await put(store, "T", "running", 1_000)
-        held = asyncio.Event()
-        release = asyncio.Event()
-
-        async def hold() -> None:
-            held.set()
-            await release.wait()
-
-        other.before_commit = hold  # an ingest moving T on, stopped before its COMMIT
-        moving = asyncio.create_task(put(other, "T", "completed", 2_000))
-        await held.wait()
-        sweeping = asyncio.create_task(store.record_stale("running", FIVE_MIN, 10**9))
-        # The sweeper found T running (the ingest has not committed) and waits on its
-        # row lock; once the ingest commits, it reads T again: no longer running.
-        await wait_until(lambda: _lock_waits(pg_url), "the sweeper to wait on T's lock")
-        release.set()
-        await moving
-        assert await sweeping == []
+        async with OutboxGate(pg_url) as gate:
+            # An ingest moving T on, held before its commit (holding T's row lock).
+            moving = asyncio.create_task(put(other, "T", "completed", 2_000))
+            await wait_until(lambda: _waits(pg_url, 1), "the ingest held at the gate")
+            sweeping = asyncio.create_task(store.record_stale("running", FIVE_MIN, 10**9))
+            # The sweeper found T running (the ingest has not committed) and waits on
+            # its row lock; once the ingest commits, it reads T again: no longer running.
+            await wait_until(lambda: _waits(pg_url, 2), "the sweeper to wait on T's lock")
+            await gate.open()
+            await moving
+            assert await sweeping == []
         assert [c.kind for c in await store.task_changes("T")] == ["phase", "phase"]
     finally:
         await store.close()
         await other.close()
 
 
-async def _lock_waits(url: str) -> int:
-    con = await asyncpg.connect(url)
-    try:
-        waiting: int = await con.fetchval(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock'"
-        )
-        return waiting
-    finally:
-        await con.close()
+async def _waits(url: str, sessions: int) -> bool:
+    """The ingest waits at the gate, and ``sessions - 1`` others on row locks."""
+    waits = await lock_waits(url)
+    return "advisory" in waits and len(waits) == sessions
 
 
 def archive(tmp_path: Path, name: str, tasks: dict[str, str]) -> Path:

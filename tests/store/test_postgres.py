@@ -24,7 +24,7 @@ from consumer.store.base import Delivery, DeliveryStatus, StoreOpenError, TaskQu
 from consumer.store.migrations import Migration
 from consumer.store.postgres.migrations import MIGRATIONS
 from consumer.store.postgres.store import PostgresStore
-from tests.pg_fixtures import PostgresServer
+from tests.pg_fixtures import OutboxGate, PostgresServer, lock_waits
 from tests.support import deliveries, expected_tasks, snapshot, wait_until, webhook_body
 
 
@@ -87,58 +87,40 @@ async def test_concurrent_replicas_on_the_same_tasks_fold_to_the_expected_state(
             await store.close()
 
 
-async def _lock_waits(url: str) -> list[str]:
-    """What each backend of this database waiting on a lock waits for."""
-    con = await asyncpg.connect(url)
-    try:
-        rows = await con.fetch(
-            "SELECT wait_event FROM pg_stat_activity WHERE datname = current_database()"
-            " AND wait_event_type = 'Lock' AND query LIKE '%phasewatch_write%'"
-        )
-    finally:
-        await con.close()
-    return sorted(row[0] for row in rows)
-
-
 async def test_a_change_is_never_committed_behind_one_a_reader_has_seen(pg_url: str) -> None:
-    """Writer A takes its seqs and is held before its commit, by a trigger on the outbox
-    that waits for an advisory lock this test holds; writer B then ingests another task.
-    With seqs from a sequence B would commit seq 2 while 1 is still open, a tailing
-    reader would move its cursor to 2, and A's change would be skipped for good. Here B
-    waits for A (the allocation is serialized with commit), and the reader sees both."""
+    """Writer A takes its seqs and is held before its commit (at an outbox gate); writer
+    B then ingests another task. With seqs from a sequence B would commit seq 2 while 1
+    is still open, a tailing reader would move its cursor to 2, and A's change would be
+    skipped for good. Here B waits for A (the allocation is serialized with commit), and
+    the reader sees both."""
     a, b = await _opened(pg_url), await _opened(pg_url)
-    gate = await asyncpg.connect(pg_url)
     try:
-        await gate.execute(
-            "CREATE FUNCTION test_gate() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$ BEGIN PERFORM pg_advisory_xact_lock_shared(4242); RETURN NEW; END $$;"
-            " CREATE TRIGGER test_gate BEFORE INSERT ON changes"
-            " FOR EACH ROW EXECUTE FUNCTION test_gate()"
-        )
-        await gate.execute("SELECT pg_advisory_lock(4242)")
-        first = asyncio.create_task(a.ingest([decode(ev("a1", "A", "pending", 1))], "webhook", 1))
+        async with OutboxGate(pg_url) as gate:
+            first = asyncio.create_task(
+                a.ingest([decode(ev("a1", "A", "pending", 1))], "webhook", 1)
+            )
 
-        async def waits(expected: list[str]) -> bool:
-            return await _lock_waits(pg_url) == expected
+            async def waits(expected: list[str]) -> bool:
+                return await lock_waits(pg_url) == expected
 
-        await wait_until(lambda: waits(["advisory"]), "A held at its outbox insert", timeout=10)
-        second = asyncio.create_task(b.ingest([decode(ev("b1", "B", "pending", 1))], "webhook", 1))
-        # B waits for A's transaction: the counters row A updated.
-        await wait_until(
-            lambda: waits(["advisory", "transactionid"]), "B blocked behind A", timeout=10
-        )
-        seen = [c.seq for c in await b.changes_after(0)]
-        assert seen == []  # nothing committed yet: A holds 1, B waits for its turn
-        await gate.execute("SELECT pg_advisory_unlock(4242)")
-        await asyncio.gather(first, second)
+            await wait_until(lambda: waits(["advisory"]), "A held at the gate", timeout=10)
+            second = asyncio.create_task(
+                b.ingest([decode(ev("b1", "B", "pending", 1))], "webhook", 1)
+            )
+            # B waits for A's transaction: the counters row A updated.
+            await wait_until(
+                lambda: waits(["advisory", "transactionid"]), "B blocked behind A", timeout=10
+            )
+            seen = [c.seq for c in await b.changes_after(0)]
+            assert seen == []  # nothing committed yet: A holds 1, B waits for its turn
+            await gate.open()
+            await asyncio.gather(first, second)
         cursor, read = 0, list[tuple[int, str]]()
         while batch := await b.changes_after(cursor):
             read.extend((c.seq, c.task_id) for c in batch)
             cursor = batch[-1].seq
         assert read == [(1, "A"), (2, "B")]
     finally:
-        await gate.execute("DROP TRIGGER IF EXISTS test_gate ON changes")
-        await gate.close()
         await a.close()
         await b.close()
 

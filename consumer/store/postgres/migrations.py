@@ -179,6 +179,10 @@ CREATE TABLE stale_alerts (
 # than overwrite a newer one's update.
 _OPTIMISTIC = """
 ALTER TABLE tasks ADD COLUMN rev bigint NOT NULL DEFAULT 1;
+-- Task ids in byte order (Python's and SQLite's), so the primary key serves the rebuild's
+-- walk through them (task_ids_after): in the database's collation it could not, and every
+-- step of that walk sorted the whole table again.
+ALTER TABLE task_ids ALTER COLUMN id TYPE text COLLATE "C";
 DROP FUNCTION phasewatch_lock_and_read(text[], text[], text[], text[]);
 -- The view rows of the batch's tasks (kind 0, with their rev), which of its events are
 -- stored (1: task events, 2: untasked ones). With ``take_locks``, first the task_ids row locks,
@@ -202,7 +206,8 @@ SET enable_hashjoin = off
 AS $$
 BEGIN
     IF take_locks THEN
-        INSERT INTO task_ids AS t (id) SELECT u.id FROM unnest(ids) AS u(id) ORDER BY u.id
+        INSERT INTO task_ids AS t (id) SELECT u.id FROM unnest(ids) AS u(id)
+            ORDER BY u.id COLLATE "C"
             ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false;
     END IF;
     RETURN QUERY SELECT 0::smallint, v.id, NULL::text, v.doc, v.keys, v.version, v.rev
@@ -240,7 +245,9 @@ DECLARE
     ev_top bigint;
     ch_top bigint;
 BEGIN
-    INSERT INTO task_ids AS t (id) SELECT u.id FROM unnest(lock_ids) AS u(id) ORDER BY u.id
+    -- In the column's order (byte order), as the stale sweeper takes them.
+    INSERT INTO task_ids AS t (id) SELECT u.id FROM unnest(lock_ids) AS u(id)
+        ORDER BY u.id COLLATE "C"
         ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false;
     IF cardinality(o_ids) > 0 THEN
         UPDATE tasks AS t SET type = u.type, phase = u.phase, updated_at = u.updated_at,

@@ -782,10 +782,10 @@ class PostgresStore:
         return [_entry(row) for row in rows]
 
     async def task_ids_after(self, after: str | None, limit: int = 500) -> list[str]:
-        # COLLATE "C": the byte order Python's sort and SQLite's use, whatever the
-        # database's collation.
+        # The column is COLLATE "C" (schema step 4): the byte order Python's sort and
+        # SQLite's use, whatever the database's collation, served by the primary key.
         rows = await self._fetch(
-            'SELECT id FROM task_ids WHERE id COLLATE "C" > $1 ORDER BY id COLLATE "C" LIMIT $2',
+            "SELECT id FROM task_ids WHERE id > $1 ORDER BY id LIMIT $2",
             after or "",
             limit,
         )
