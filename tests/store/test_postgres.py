@@ -160,6 +160,50 @@ async def test_a_task_moved_between_read_and_write_is_folded_again_under_locks(
         await b.close()
 
 
+async def test_batches_in_flight_together_that_share_a_task_fold_on_top_of_each_other(
+    pg_url: str,
+) -> None:
+    """One replica's pipeline: its second batch for T is read while the first is still
+    being written (held at an outbox gate). It takes T as the first batch leaves it, not
+    as the database still has it (absent), so neither write conflicts and the second
+    change follows the first."""
+    store = await _opened(pg_url)
+    try:
+        reads: list[int] = []
+        second_read = asyncio.Event()
+
+        async def note_read() -> None:
+            reads.append(len(reads))
+            if len(reads) == 2:
+                second_read.set()
+
+        store.after_read = note_read
+        async with OutboxGate(pg_url) as gate:
+            first = asyncio.create_task(
+                store.ingest([decode(ev("t0", "T", "pending", 1))], "webhook", 1)
+            )
+            await wait_until(
+                lambda: _waits_are(pg_url, ["advisory"]), "the first batch held", timeout=10
+            )
+            second = asyncio.create_task(
+                store.ingest([decode(ev("t1", "T", "running", 2))], "webhook", 1)
+            )
+            await second_read.wait()  # read while the first is uncommitted
+            await gate.open()
+            await asyncio.gather(first, second)
+        assert store.optimistic_conflicts == 0
+        moves = [(c.previous_phase, c.phase) for c in await store.task_changes("T")]
+        assert moves == [(None, "pending"), ("pending", "running")]
+        stored = await store.get_task("T")
+        assert stored is not None and stored.version == 2
+    finally:
+        await store.close()
+
+
+async def _waits_are(url: str, expected: list[str]) -> bool:
+    return await lock_waits(url) == expected
+
+
 async def test_history_seqs_follow_commit_order_under_concurrent_writers(pg_url: str) -> None:
     """A reader tailing the history while eight writers commit sees every event exactly
     once: its cursor never passes an event that commits later."""
