@@ -291,6 +291,8 @@ class PostgresStore:
             # written: read again under the row locks, in a transaction, where no
             # writer can move it.
             try:
+                # Before taking a connection: the batches ahead need one to get planned.
+                rows, known = await _rows_ahead(earlier)
                 async with self._p().acquire() as con:
                     result = await self._ingest_on(
                         con,
@@ -299,7 +301,9 @@ class PostgresStore:
                         received_at,
                         record_changes=record_changes,
                         flight=flight,
-                        earlier=earlier,
+                        ahead=set(earlier.values()),
+                        rows=rows,
+                        known=known,
                     )
                 committed = True
                 return result
@@ -339,13 +343,16 @@ class PostgresStore:
         *,
         record_changes: bool,
         flight: Flight | None = None,
-        earlier: Mapping[str, Flight] | None = None,
+        ahead: set[Flight] | None = None,
+        rows: dict[str, Row] | None = None,
+        known: set[DedupKey] | None = None,
         take_locks: bool = False,
     ) -> IngestResult:
         # The rows to fold against: from the batches in flight ahead of this one where
-        # they hold the task, from the database for the rest.
-        ahead = set(earlier.values()) if earlier else set()
-        rows, known = await _rows_ahead(earlier or {})
+        # they hold the task (``rows``, with the event keys they store, ``known``), from
+        # the database for the rest.
+        rows = {} if rows is None else dict(rows)
+        known = set() if known is None else set(known)
         tasked = [e for e in events if e.task_id is not None]
         for kind, task_id, event_id, doc, keys, version, rev in await con.fetch(
             _READ,
