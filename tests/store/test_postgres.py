@@ -457,6 +457,69 @@ async def test_migrates_a_schema_1_database_to_receipts_keeping_the_data(
         await reference.close()
 
 
+async def test_migrates_a_schema_3_database_to_optimistic_ingest_keeping_the_data(
+    pg_server: PostgresServer,
+) -> None:
+    """A database at schema 3 full of rows (copied from one this version wrote, receipts
+    and all) gets step 4: every row reads back the same, each view row starts at rev 1,
+    task ids sort in byte order, and ingesting on top of the migrated rows (updates of
+    existing tasks, through the rev check) gives what the reference gets."""
+    reference_url, old_url = await pg_server.create_database(), await pg_server.create_database()
+    reference = await _opened(reference_url)
+    await _fill(reference)
+    await reference.close()
+    at_step_3 = await _opened(old_url, migrations=MIGRATIONS[:3])
+    await at_step_3.close()
+    src, dst = await asyncpg.connect(reference_url), await asyncpg.connect(old_url)
+    try:
+        await dst.execute("DELETE FROM counters")
+        old_columns: dict[str, list[str]] = {}
+        for table, column in await dst.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name <> 'schema_version'"
+            " ORDER BY table_name, ordinal_position"
+        ):
+            old_columns.setdefault(table, []).append(column)
+        assert "rev" not in old_columns["tasks"]
+        for table, columns in old_columns.items():
+            rows = await src.fetch(f"SELECT {', '.join(columns)} FROM {table}")
+            await dst.copy_records_to_table(table, records=rows, columns=columns)
+    finally:
+        await src.close()
+        await dst.close()
+
+    store = await _opened(old_url)
+    reference = await _opened(reference_url)
+    try:
+        assert store.migrations_applied == MIGRATIONS[3:]
+        before = await _read_everything(store)
+        assert before == await _read_everything(reference)
+        con = await asyncpg.connect(old_url)
+        try:
+            assert await con.fetchval("SELECT array_agg(DISTINCT rev) FROM tasks") == [1]
+            collation = await con.fetchval(
+                "SELECT collation_name FROM information_schema.columns"
+                " WHERE table_name = 'task_ids' AND column_name = 'id'"
+            )
+            assert collation == "C"
+        finally:
+            await con.close()
+        known = before["ids"][:3]
+        raws = [before["history"][known[0]][0].raw]  # a duplicate
+        raws += [ev(f"late-{i}", t, "failed", 2**52) for i, t in enumerate(known)]
+        raws.append(ev("new-1", "brand-new", "pending", 5))
+        results = [await s.ingest_raw(raws, "webhook", 9999) for s in (store, reference)]
+        assert results[0] == results[1]
+        assert results[0].outcomes == [Outcome.DUPLICATE] + [Outcome.ACCEPTED] * 4
+        assert store.optimistic_conflicts == 0
+        after = await _read_everything(store)
+        assert after == await _read_everything(reference)
+        assert all(after["tasks"][t].task["status"]["phase"] == "failed" for t in known)
+    finally:
+        await store.close()
+        await reference.close()
+
+
 async def test_migrate_off_refuses_a_database_that_needs_steps(pg_url: str) -> None:
     with pytest.raises(StoreOpenError, match=r"is at schema 0.*run `phasewatch migrate`"):
         await _opened(pg_url, migrate=False)
