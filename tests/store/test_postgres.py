@@ -309,47 +309,33 @@ async def test_migrates_from_the_previous_schema_keeping_the_data(pg_url: str) -
 
 
 # Step 1's tables and their columns: what a database at schema 1 holds.
-_STEP_1_COLUMNS = {
-    "counters": ["one", "events", "changes"],
-    "task_ids": ["id"],
-    "events": [
-        "seq",
-        "event_id",
-        "task_id",
-        "kind",
-        "format",
-        "source",
-        "received_at",
-        "created_at",
-        "updated_at",
-        "raw",
-    ],
-    "tasks": ["id", "type", "phase", "updated_at", "version", "doc", "keys"],
-    "changes": [
-        "seq",
-        "task_id",
-        "event_id",
-        "previous_phase",
-        "phase",
-        "changed_at",
-        "recorded_at",
-        "task",
-        "kind",
-    ],
-    "deliveries": [
-        "handler",
-        "seq",
-        "replay",
-        "status",
-        "attempts",
-        "first_attempt_at",
-        "last_attempt_at",
-        "error",
-    ],
-    "meta": ["key", "value"],
-    "cursors": ["handler", "seq"],
-    "leases": ["name", "owner", "expires_at"],
-}
+async def _copied_at_step(pg_server: PostgresServer, step: int) -> tuple[str, str]:
+    """A reference database filled by this version (:func:`_fill`), and a database at
+    schema ``step`` holding the same rows: every column that schema has, copied from the
+    reference. Returns both URLs."""
+    reference_url, old_url = await pg_server.create_database(), await pg_server.create_database()
+    reference = await _opened(reference_url)
+    await _fill(reference)
+    await reference.close()
+    old = await _opened(old_url, migrations=MIGRATIONS[:step])
+    await old.close()
+    src, dst = await asyncpg.connect(reference_url), await asyncpg.connect(old_url)
+    try:
+        await dst.execute("DELETE FROM counters")
+        columns: dict[str, list[str]] = {}
+        for table, column in await dst.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = 'public' AND table_name <> 'schema_version'"
+            " ORDER BY table_name, ordinal_position"
+        ):
+            columns.setdefault(table, []).append(column)
+        for table, names in columns.items():
+            rows = await src.fetch(f"SELECT {', '.join(names)} FROM {table}")
+            await dst.copy_records_to_table(table, records=rows, columns=names)
+    finally:
+        await src.close()
+        await dst.close()
+    return reference_url, old_url
 
 
 async def _fill(store: PostgresStore) -> None:
@@ -398,26 +384,16 @@ async def test_migrates_a_schema_1_database_to_receipts_keeping_the_data(
 ) -> None:
     """A database at schema 1 full of rows (copied from one this version wrote) gets step
     2: the same rows read back, with no receipts, and new ones keep theirs."""
-    reference_url, old_url = await pg_server.create_database(), await pg_server.create_database()
-    reference = await _opened(reference_url)
-    await _fill(reference)
-    await reference.close()
-    at_step_1 = await _opened(old_url, migrations=MIGRATIONS[:1])
-    await at_step_1.close()
-    src, dst = await asyncpg.connect(reference_url), await asyncpg.connect(old_url)
+    reference_url, old_url = await _copied_at_step(pg_server, 1)
+    con = await asyncpg.connect(old_url)
     try:
-        await dst.execute("DELETE FROM counters")
-        for table, columns in _STEP_1_COLUMNS.items():
-            rows = await src.fetch(f"SELECT {', '.join(columns)} FROM {table}")
-            await dst.copy_records_to_table(table, records=rows, columns=columns)
-        old_columns = await dst.fetch(
+        old_columns = await con.fetch(
             "SELECT table_name, column_name FROM information_schema.columns"
             " WHERE column_name IN ('receipt', 'traceparent')"
         )
         assert old_columns == []
     finally:
-        await src.close()
-        await dst.close()
+        await con.close()
 
     store = await _opened(old_url)
     reference = await _opened(reference_url)
@@ -464,30 +440,18 @@ async def test_migrates_a_schema_3_database_to_optimistic_ingest_keeping_the_dat
     and all) gets step 4: every row reads back the same, each view row starts at rev 1,
     task ids sort in byte order, and ingesting on top of the migrated rows (updates of
     existing tasks, through the rev check) gives what the reference gets."""
-    reference_url, old_url = await pg_server.create_database(), await pg_server.create_database()
-    reference = await _opened(reference_url)
-    await _fill(reference)
-    await reference.close()
-    at_step_3 = await _opened(old_url, migrations=MIGRATIONS[:3])
-    await at_step_3.close()
-    src, dst = await asyncpg.connect(reference_url), await asyncpg.connect(old_url)
+    reference_url, old_url = await _copied_at_step(pg_server, 3)
+    con = await asyncpg.connect(old_url)
     try:
-        await dst.execute("DELETE FROM counters")
-        old_columns: dict[str, list[str]] = {}
-        for table, column in await dst.fetch(
-            "SELECT table_name, column_name FROM information_schema.columns"
-            " WHERE table_schema = 'public' AND table_name <> 'schema_version'"
-            " ORDER BY table_name, ordinal_position"
-        ):
-            old_columns.setdefault(table, []).append(column)
-        assert "rev" not in old_columns["tasks"]
-        for table, columns in old_columns.items():
-            rows = await src.fetch(f"SELECT {', '.join(columns)} FROM {table}")
-            await dst.copy_records_to_table(table, records=rows, columns=columns)
+        assert (
+            await con.fetchval(
+                "SELECT count(*) FROM information_schema.columns"
+                " WHERE table_name = 'tasks' AND column_name = 'rev'"
+            )
+            == 0
+        )
     finally:
-        await src.close()
-        await dst.close()
-
+        await con.close()
     store = await _opened(old_url)
     reference = await _opened(reference_url)
     try:
