@@ -81,6 +81,3 @@ class Flights:
         for task_id in task_ids:
             if self._latest.get(task_id) is flight:
                 del self._latest[task_id]
-
-    def __len__(self) -> int:
-        return len(self._latest)

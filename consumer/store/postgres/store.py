@@ -349,10 +349,10 @@ class PostgresStore:
         take_locks: bool = False,
     ) -> IngestResult:
         # The rows to fold against: from the batches in flight ahead of this one where
-        # they hold the task (``rows``, with the event keys they store, ``known``), from
-        # the database for the rest.
-        rows = {} if rows is None else dict(rows)
-        known = set() if known is None else set(known)
+        # they hold the task (``rows``, with the event keys they store, ``known``: the
+        # caller's own, added to here), from the database for the rest.
+        rows = {} if rows is None else rows
+        known = set() if known is None else known
         tasked = [e for e in events if e.task_id is not None]
         for kind, task_id, event_id, doc, keys, version, rev in await con.fetch(
             _READ,
